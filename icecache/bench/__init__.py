@@ -1,0 +1,1 @@
+"""Benchmarks that compare index strategies under the same budget and transfer rules."""

@@ -1,0 +1,85 @@
+"""`icecache demo`: pass-key retrieval at ~4k tokens on the embedded model, full KV beside every
+available index at budgets 64, 128 and 256."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .index import available_indexes
+from .runtime import IceRuntime, full_kv_copy
+from .tasks import TaskBuilder
+
+
+@dataclass
+class DemoRow:
+    method: str
+    budget: str
+    correct: int = 0
+    total: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+    device_kv_bytes: int = 0
+    full_kv_bytes: int = 0
+
+
+def run_demo(samples: int = 6, context_tokens: int = 4096, budgets=(64, 128, 256), indexes=None,
+             max_new_tokens: int = 8, model=None, tokenizer=None, seed: int = 0) -> list[DemoRow]:
+    """Answer `samples` pass-key questions with full KV and every (index, budget); returns one row each.
+
+    One dense prefill per question is shared by every runtime (`IceRuntime.new_cache(prefill=...)`),
+    so the comparison differs only in decode-time retrieval.
+    """
+    if model is None:
+        from .models import load_default
+
+        model, tokenizer = load_default()
+    indexes = list(indexes or available_indexes())
+    builder = TaskBuilder(tokenizer)
+    rows = {("full KV", "all"): DemoRow("full KV", "all")}
+    for name in indexes:
+        for b in budgets:
+            rows[(name, str(b))] = DemoRow(name, str(b))
+    bar = tqdm(total=samples * len(rows), desc="demo", unit="run")
+    for i in range(samples):
+        task = builder.passkey(seed=seed + i, context_tokens=context_tokens, depth=(i + 0.5) / samples)
+        ids = tokenizer(task.prompt, return_tensors="pt").input_ids
+        # one dense prefill of all but the last prompt token, shared by every runtime below
+        base = IceRuntime(index="window", budget=max(budgets)).new_cache(model)
+        with torch.no_grad():
+            model(ids[:, :-1], cache=base, logits_to_keep=1)
+        for (name, b), row in rows.items():
+            cache = full_kv_copy(base) if name == "full KV" else \
+                IceRuntime(index=name, budget=int(b)).new_cache(model, prefill=base)
+            start = time.perf_counter()
+            out = model.generate(ids, cache=cache, max_new_tokens=max_new_tokens, do_sample=False)
+            row.seconds += time.perf_counter() - start
+            generated = out[0, ids.shape[1]:]
+            row.new_tokens += generated.numel()
+            row.correct += task.score(tokenizer.decode(generated, skip_special_tokens=True))
+            row.total += 1
+            if name == "full KV":
+                row.device_kv_bytes = row.full_kv_bytes = sum(
+                    l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers)
+            else:
+                report = IceRuntime.report(cache)
+                row.device_kv_bytes, row.full_kv_bytes = report.device_kv_bytes, report.full_kv_bytes
+            bar.update(1)
+            bar.set_postfix(question=f"{i + 1}/{samples}", ctx=ids.shape[1])
+    bar.close()
+    return list(rows.values())
+
+
+def format_table(rows: list[DemoRow]) -> str:
+    head = f"| {'method':<10} | {'budget':>6} | {'accuracy':>9} | {'decode tok/s':>12} | {'device KV MiB':>13} | {'vs full KV':>10} |"
+    lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
+    for r in rows:
+        acc = f"{r.correct}/{r.total}"
+        tps = r.new_tokens / r.seconds if r.seconds else 0.0
+        ratio = r.device_kv_bytes / r.full_kv_bytes if r.full_kv_bytes else 0.0
+        lines.append(f"| {r.method:<10} | {r.budget:>6} | {acc:>9} | {tps:>12.1f} | "
+                     f"{r.device_kv_bytes / 2**20:>13.1f} | {ratio:>10.3f} |")
+    return "\n".join(lines)

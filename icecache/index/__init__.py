@@ -1,0 +1,13 @@
+"""Index strategies. Every module in this package that registers a `TokenIndex` is imported here, so a
+new strategy is one new file: `@register_index("name")` on its class makes it available everywhere."""
+
+import importlib
+import pkgutil
+
+from .base import TokenIndex, available_indexes, get_index, index_class, register_index
+
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["TokenIndex", "available_indexes", "get_index", "index_class", "register_index"]

@@ -1,0 +1,49 @@
+"""The budget rule, identical for every index: what one KV head may attend to at one decode step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Budget:
+    """`tokens` per KV head per decode step = `sink` first tokens + `window` most recent tokens (always
+    resident) + `(tokens - sink - window) // page_size` retrieved pages.
+
+    When every retrievable token fits in `tokens - sink - window`, all pages are kept and nothing is
+    searched (so a budget at least the context reproduces dense attention with any index).
+    """
+
+    tokens: int = 256
+    page_size: int = 16
+    sink: int = 16
+    window: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "page_size", "sink", "window"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{'budget' if name == 'tokens' else name} must be an int, got {value!r}")
+        if self.page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {self.page_size}")
+        if self.sink < 0:
+            raise ValueError(f"sink must be >= 0, got {self.sink}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1 (the newest token is always attended), got {self.window}")
+        if self.tokens < self.sink + self.window:
+            raise ValueError(
+                f"budget={self.tokens} is smaller than sink + window = {self.sink} + {self.window}; "
+                f"use budget >= {self.sink + self.window} or a smaller sink/window"
+            )
+        if self.tokens < self.page_size:
+            raise ValueError(f"budget={self.tokens} is smaller than one page (page_size={self.page_size})")
+
+    @property
+    def retrieval_tokens(self) -> int:
+        """Tokens left for retrieved pages after sink and window."""
+        return self.tokens - self.sink - self.window
+
+    @property
+    def max_pages(self) -> int:
+        """Retrieved pages per KV head per step."""
+        return self.retrieval_tokens // self.page_size

@@ -1,0 +1,142 @@
+"""One sparse attention layer: the whole IceCache data path, top to bottom.
+
+    prefill      -> dense attention over the prompt (transformers' SDPA), then `admit`: sink and window
+                    go to the device tier, everything between them builds the index
+    decode step  -> admit the new token (the window's oldest token moves into the index)
+                 -> search: the index picks pages for this step's queries
+                 -> page table: page ids -> token positions
+                 -> bulk load: only pages not already on the device move, through one staging buffer
+                 -> gather attention over sink + window + selected pages
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+
+from ..index.base import TokenIndex
+from ..kernels.reference import paged_decode_attention_reference
+from .budget import Budget
+from .tiers import BulkLoader, DeviceTier, HostTier, TransferStats
+
+#: prefill queries handed to indexes that learn their layout from them (last positions of the prompt)
+BUILD_QUERY_POSITIONS = 32
+
+AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+class SparseLayer:
+    """Paged KV state and sparse decode attention for one transformer layer (batch size 1).
+
+    Args:
+        index: an empty `TokenIndex` for this layer.
+        budget: the shared budget rule.
+        kv_heads, head_dim, dtype, device: the layer's KV geometry and compute device.
+        kernel: decode attention over the device tier (default: the torch reference).
+    """
+
+    def __init__(self, index: TokenIndex, budget: Budget, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, kernel: AttentionKernel = paged_decode_attention_reference,
+                 profile: bool = False) -> None:
+        self.index, self.budget, self.kernel, self.profile = index, budget, kernel, profile
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        self.host = HostTier(kv_heads, head_dim, dtype, device)
+        self.tier = DeviceTier(kv_heads, head_dim, budget.page_size, budget.sink, budget.window,
+                               budget.max_pages, dtype, device)
+        self.loader = BulkLoader(device)
+        self.stats = TransferStats()
+        self.admitted = 0  # tokens already placed in sink / window / index
+        self.prefill_queries: torch.Tensor | None = None  # kept so a copy of this cache can rebuild its index
+
+    # -- token admission (prefill and decode) ------------------------------------------------------
+
+    @property
+    def num_tokens(self) -> int:
+        return self.host.length
+
+    @property
+    def index_start(self) -> int:
+        """Global position of the index's local position 0 (the first token after the sink)."""
+        return self.budget.sink
+
+    def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keep new tokens `[kv_heads, m, head_dim]` in the host tier (placed later by `admit`)."""
+        self.host.append(k, v)
+
+    def admit(self, prefill_queries: torch.Tensor | None = None) -> None:
+        """Place stored-but-unplaced tokens: first `sink` tokens to the sink, the newest `window` to the
+        window ring, and every token older than the window into the index (built at the first call)."""
+        sink, window = self.budget.sink, self.budget.window
+        start, n = self.admitted, self.num_tokens
+        if start < sink:
+            end = min(sink, n)
+            self.tier.write_resident(range(start, end), self.host.k[:, start:end], self.host.v[:, start:end])
+        indexed_end = max(sink, n - window)
+        if self.index.kv_heads is None:
+            self.prefill_queries = prefill_queries
+            self.index.build(self.host.keys(sink, indexed_end), prefill_queries)
+        else:
+            already = sink + self.index.num_tokens
+            if indexed_end > already:
+                changed = self.index.insert(self.host.keys(already, indexed_end))
+                self.tier.invalidate(changed)
+        first_window = max(start, sink, n - window)
+        if first_window < n:
+            self.tier.write_resident(range(first_window, n), self.host.k[:, first_window:n],
+                                     self.host.v[:, first_window:n])
+        self.admitted = n
+
+    # -- decode step ---------------------------------------------------------------------------------
+
+    def decode(self, query: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        """Attention output `[q_heads, head_dim]` of the newest token's `query` `[q_heads, head_dim]`."""
+        self.admit()
+        group_queries = query.view(self.kv_heads, -1, self.head_dim)
+
+        clock = self._clock()
+        page_ids = self.select_pages(group_queries)
+        searched = self._clock()
+        self.load_pages(page_ids)
+        loaded = self._clock()
+        out = self.kernel(query, self.tier.k, self.tier.v, self.tier.attention_mask(),
+                          scale if scale is not None else 1.0 / math.sqrt(self.head_dim))
+        done = self._clock()
+
+        self.stats.steps += 1
+        self.stats.seconds["search"] += searched - clock
+        self.stats.seconds["transfer"] += loaded - searched
+        self.stats.seconds["attention"] += done - loaded
+        return out
+
+    def select_pages(self, group_queries: torch.Tensor) -> torch.Tensor:
+        """Page ids `[kv_heads, n]` (-1 padded) to attend besides sink and window."""
+        if self.index.num_tokens <= self.budget.retrieval_tokens:
+            # everything retrievable fits in the budget: keep every page, no search
+            all_pages = torch.arange(self.index.num_pages, dtype=torch.long, device=group_queries.device)
+            self.tier.grow_retrieval_slots(self.index.num_pages)
+            return all_pages.unsqueeze(0).expand(self.kv_heads, -1)
+        return self.index.search(group_queries, self.budget.max_pages)
+
+    def load_pages(self, page_ids: torch.Tensor) -> None:
+        """Make the selected pages resident in device slots, moving only those not already there."""
+        miss, slot = self.tier.assign(page_ids.to(self.tier.slot_page.device))
+        heads, rank = miss.nonzero(as_tuple=True)
+        missing_pages = page_ids.to(miss.device)[heads, rank]
+        local = self.index.page_table.to(miss.device)[heads, missing_pages]  # [m, page_size]
+        positions = torch.where(local >= 0, local + self.index_start, local)
+        self.stats.bytes_moved += self.loader.load(self.host, self.tier, heads, slot[heads, rank], positions)
+        self.tier.slot_page[heads, slot[heads, rank]] = missing_pages
+        self.stats.pages_loaded += int(heads.numel())
+        self.stats.pages_selected += int((page_ids >= 0).sum())
+
+    def resident_nbytes(self) -> int:
+        """Bytes of K/V this layer holds on the device tier."""
+        return self.tier.nbytes()
+
+    def _clock(self) -> float:
+        if self.profile and self.tier.k.device.type == "cuda":
+            torch.cuda.synchronize(self.tier.k.device)
+        return time.perf_counter()

@@ -1,0 +1,109 @@
+"""`IceRuntime`: the user-facing entry point that ties an index strategy, the budget rule and the paged
+runtime to a transformers model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..index.base import get_index, index_class
+from ..kernels.reference import paged_decode_attention_reference
+from .budget import Budget
+from transformers.cache_utils import Cache
+
+from .cache import ATTENTION_NAME, IceCache
+from .layer import SparseLayer
+from .tiers import TransferStats
+
+
+@dataclass
+class RuntimeReport:
+    """Totals over the sparse layers of one cache."""
+
+    transfers: TransferStats
+    device_kv_bytes: int  # K/V resident on the device tier (sparse layers) + dense layers' full KV
+    full_kv_bytes: int  # what full KV would hold for the same tokens
+    page_fill: float
+
+
+class IceRuntime:
+    """Sparse, paged KV cache for transformers decoding.
+
+    Args:
+        index: registered index name (see `icecache.available_indexes()`).
+        budget: tokens per KV head per decode step (sink + window + retrieved pages).
+        page_size: tokens per KV page.
+        sink: first tokens always attended.
+        window: most recent tokens always attended.
+        dense_layers: the first layers keep full KV and full attention (the paper keeps 2).
+        index_options: keyword options for the index class.
+        kernel: decode attention over the device tier; default the torch reference.
+        profile: synchronize CUDA around each phase so per-phase timings are exact (slower).
+
+    Example:
+        >>> rt = IceRuntime(index="exact", budget=256)
+        >>> cache = rt.new_cache(model)
+        >>> model.generate(input_ids, past_key_values=cache, max_new_tokens=32, do_sample=False)
+    """
+
+    def __init__(self, index: str = "tree", budget: int = 256, page_size: int = 16, sink: int = 16,
+                 window: int = 32, dense_layers: int = 2, index_options: dict[str, Any] | None = None,
+                 kernel=paged_decode_attention_reference, profile: bool = False) -> None:
+        self.index_name = index
+        index_class(index)  # unknown or unavailable names fail here, not at the first forward
+        self.budget = Budget(tokens=budget, page_size=page_size, sink=sink, window=window)
+        if not isinstance(dense_layers, int) or dense_layers < 0:
+            raise ValueError(f"dense_layers must be a non-negative int, got {dense_layers!r}")
+        self.dense_layers = dense_layers
+        self.index_options = dict(index_options or {})
+        self.kernel = kernel
+        self.profile = profile
+
+    def _make_layer(self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> SparseLayer:
+        index = get_index(self.index_name, head_dim=head_dim, page_size=self.budget.page_size, **self.index_options)
+        return SparseLayer(index, self.budget, kv_heads, head_dim, dtype, device, kernel=self.kernel,
+                           profile=self.profile)
+
+    def new_cache(self, model: torch.nn.Module, prefill: Cache | None = None) -> IceCache:
+        """A fresh cache for one generation with `model`, whose attention is routed through icecache.
+
+        Pass it as `past_key_values=` to `model.generate` or `model(...)`. With `prefill` (a cache that
+        already holds a prompt's K/V, e.g. another runtime's), the new cache starts from those tokens and
+        builds its own indexes, so several runtimes can share one dense prefill.
+        """
+        config = getattr(model, "config", None)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        num_layers = getattr(text_config, "num_hidden_layers", None)
+        if num_layers is None:
+            raise TypeError("model must be a transformers model with config.num_hidden_layers "
+                            f"(a Llama-family decoder), got {type(model).__name__}")
+        if getattr(model.config, "_attn_implementation", None) != ATTENTION_NAME:
+            model.set_attn_implementation(ATTENTION_NAME)
+        cache = IceCache(num_layers, min(self.dense_layers, num_layers), self._make_layer)
+        return cache if prefill is None else cache.seed_from(prefill)
+
+    @staticmethod
+    def report(cache: IceCache) -> RuntimeReport:
+        """Transfer counters, resident device bytes and page fill of a cache after generation."""
+        transfers = TransferStats()
+        device_bytes = full_bytes = 0
+        fills = []
+        for layer in cache.layers:
+            sparse = getattr(layer, "sparse", None)
+            if sparse is not None:
+                transfers.add(sparse.stats)
+                device_bytes += sparse.resident_nbytes()
+                full_bytes += sparse.host.nbytes()
+                fills.append(sparse.index.page_fill())
+            elif getattr(layer, "keys", None) is not None and layer.keys.numel():
+                size = layer.keys.numel() * layer.keys.element_size() * 2
+                device_bytes += size
+                full_bytes += size
+        return RuntimeReport(transfers, device_bytes, full_bytes, sum(fills) / len(fills) if fills else 1.0)
+
+    def __repr__(self) -> str:
+        b = self.budget
+        return (f"IceRuntime(index={self.index_name!r}, budget={b.tokens}, page_size={b.page_size}, "
+                f"sink={b.sink}, window={b.window}, dense_layers={self.dense_layers})")

@@ -1,0 +1,200 @@
+"""Memory tiers of one layer: the host tier (every token), the device tier (what the budget allows) and
+the bulk loader that moves selected pages between them through one staging buffer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+def _pin(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # pinned host memory lets the host->device copy run asynchronously; only meaningful with CUDA
+    return t.pin_memory() if device.type == "cuda" else t
+
+
+class HostTier:
+    """Every K/V token of one layer, token-major `[kv_heads, capacity, head_dim]`, growing by doubling."""
+
+    def __init__(self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.device = device  # the compute device this tier feeds
+        self.length = 0
+        self.k = _pin(torch.empty(kv_heads, 256, head_dim, dtype=dtype), device)
+        self.v = _pin(torch.empty(kv_heads, 256, head_dim, dtype=dtype), device)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new tokens `[kv_heads, m, head_dim]` after the existing ones."""
+        need = self.length + k.shape[1]
+        if need > self.k.shape[1]:
+            cap = max(need, 2 * self.k.shape[1])
+            for name in ("k", "v"):
+                old = getattr(self, name)
+                grown = _pin(torch.empty(old.shape[0], cap, old.shape[2], dtype=old.dtype), self.device)
+                grown[:, : self.length] = old[:, : self.length]
+                setattr(self, name, grown)
+        self.k[:, self.length : need] = k.to(self.k.device)
+        self.v[:, self.length : need] = v.to(self.v.device)
+        self.length = need
+
+    def keys(self, start: int, end: int) -> torch.Tensor:
+        """Keys of positions `start .. end - 1` on the compute device, `[kv_heads, end - start, head_dim]`."""
+        return self.k[:, start:end].to(self.device)
+
+    def nbytes(self) -> int:
+        return 2 * self.length * self.k.shape[0] * self.k.shape[2] * self.k.element_size()
+
+
+class DeviceTier:
+    """Fixed-size device memory of one layer, `[kv_heads, slots, page_size, head_dim]` for K and V.
+
+    The first slots hold the resident tokens: the sink, then the window as a ring buffer. The rest are
+    retrieval slots, each holding one index page; `slot_page` says which (-1: none), and `active` which
+    slots the current step attends to.
+    """
+
+    def __init__(self, kv_heads: int, head_dim: int, page_size: int, sink: int, window: int,
+                 retrieval_slots: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.page_size, self.sink, self.window = page_size, sink, window
+        self.sink_pages = -(-sink // page_size)
+        self.window_offset = self.sink_pages * page_size  # flat slot where the window ring starts
+        self.resident_pages = self.sink_pages + -(-window // page_size)
+        slots = self.resident_pages + retrieval_slots
+        self.k = torch.zeros(kv_heads, slots, page_size, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.filled = torch.zeros(kv_heads, slots, page_size, dtype=torch.bool, device=device)
+        self.slot_page = torch.full((kv_heads, retrieval_slots), -1, dtype=torch.long, device=device)
+        self.active = torch.zeros(kv_heads, slots, dtype=torch.bool, device=device)
+        self.active[:, : self.resident_pages] = True
+
+    @property
+    def retrieval_slots(self) -> int:
+        return self.slot_page.shape[1]
+
+    def write_resident(self, positions: range, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write sink or window tokens at global `positions` (K/V `[kv_heads, len, head_dim]`)."""
+        flat = torch.tensor(
+            [p if p < self.sink else self.window_offset + (p - self.sink) % self.window for p in positions],
+            dtype=torch.long, device=self.k.device,
+        )
+        kv_heads, head_dim = self.k.shape[0], self.k.shape[-1]
+        self.k.view(kv_heads, -1, head_dim)[:, flat] = k.to(self.k.dtype)
+        self.v.view(kv_heads, -1, head_dim)[:, flat] = v.to(self.v.dtype)
+        self.filled.view(kv_heads, -1)[:, flat] = True
+
+    def grow_retrieval_slots(self, slots: int) -> None:
+        """Make room for `slots` retrieval pages (only when the whole context fits in the budget)."""
+        extra = slots - self.retrieval_slots
+        if extra <= 0:
+            return
+        kv, _, ps, d = self.k.shape
+        pad = lambda t, fill: torch.cat([t, torch.full((kv, extra, *t.shape[2:]), fill, dtype=t.dtype, device=t.device)], 1)
+        self.k, self.v = pad(self.k, 0), pad(self.v, 0)
+        self.filled, self.active = pad(self.filled, False), pad(self.active, False)
+        self.slot_page = pad(self.slot_page, -1)
+
+    def invalidate(self, page_ids: torch.Tensor) -> None:
+        """Forget cached copies of pages whose contents changed in the index."""
+        if page_ids.numel():
+            stale = torch.isin(self.slot_page, page_ids.to(self.slot_page.device))
+            self.slot_page[stale] = -1
+
+    def assign(self, page_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map this step's selection `[kv_heads, n]` (-1 padded) onto retrieval slots, keeping cached pages.
+
+        Returns `(miss, slot)`, both `[kv_heads, n]`: which selected pages must be loaded, and the retrieval
+        slot each selected page occupies. Marks exactly the selected slots active.
+        """
+        selected = page_ids >= 0
+        if page_ids.shape[1] == 0 or self.retrieval_slots == 0:
+            self.active[:, self.resident_pages :] = False
+            return selected, torch.zeros_like(page_ids)
+        match = (page_ids.unsqueeze(2) == self.slot_page.unsqueeze(1)) & selected.unsqueeze(2)  # [kv, n, slots]
+        hit = match.any(2)
+        hit_slot = match.float().argmax(2)
+        kept = match.any(1)  # slots whose page is selected again
+        miss = selected & ~hit
+        # free slots first, in slot order (stable sort of the kept flags)
+        free_slots = torch.sort(kept.to(torch.int8), dim=1, stable=True).indices
+        miss_rank = (torch.cumsum(miss.long(), 1) - 1).clamp(min=0)
+        slot = torch.where(hit, hit_slot, free_slots.gather(1, miss_rank.clamp(max=free_slots.shape[1] - 1)))
+        slot = torch.where(selected, slot, torch.zeros_like(slot))
+        active = torch.zeros_like(self.slot_page, dtype=torch.bool)
+        active.scatter_(1, slot, selected)
+        self.active[:, self.resident_pages :] = active
+        return miss, slot
+
+    def attention_mask(self) -> torch.Tensor:
+        """bool `[kv_heads, slots, page_size]`: slots that hold a token and are attended this step."""
+        return self.filled & self.active.unsqueeze(2)
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
+@dataclass
+class TransferStats:
+    """What the bulk loader moved (summed over layers and steps when aggregated)."""
+
+    steps: int = 0
+    pages_selected: int = 0
+    pages_loaded: int = 0
+    bytes_moved: int = 0
+    seconds: dict = field(default_factory=lambda: {"search": 0.0, "transfer": 0.0, "attention": 0.0})
+
+    @property
+    def hit_rate(self) -> float:
+        """Share of selected pages already resident on the device."""
+        return 1.0 - self.pages_loaded / self.pages_selected if self.pages_selected else 0.0
+
+    def add(self, other: "TransferStats") -> None:
+        self.steps += other.steps
+        self.pages_selected += other.pages_selected
+        self.pages_loaded += other.pages_loaded
+        self.bytes_moved += other.bytes_moved
+        for key, value in other.seconds.items():
+            self.seconds[key] = self.seconds.get(key, 0.0) + value
+
+
+class BulkLoader:
+    """Gathers missing pages from the host tier into one contiguous staging buffer `[2, pages, page_size,
+    head_dim]` (K then V), copies it to the device in one non-blocking transfer and scatters it into the
+    assigned device slots."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.staging: torch.Tensor | None = None
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.copied = torch.cuda.Event() if device.type == "cuda" else None
+
+    def load(self, host: HostTier, tier: DeviceTier, heads: torch.Tensor, slots: torch.Tensor,
+             positions: torch.Tensor) -> int:
+        """Move pages: `heads`, `slots` `[m]`, global token `positions` `[m, page_size]` (-1 = empty).
+
+        Returns the bytes moved.
+        """
+        m = heads.shape[0]
+        if m == 0:
+            return 0
+        ps, head_dim = positions.shape[1], host.k.shape[2]
+        heads_h, pos_h = heads.cpu(), positions.cpu()
+        if self.staging is None or self.staging.shape[1] < m:
+            self.staging = _pin(torch.empty(2, max(m, 16), ps, head_dim, dtype=host.k.dtype), self.device)
+        gather = pos_h.clamp(min=0)
+        if self.copied is not None:
+            self.copied.synchronize()  # the previous transfer may still be reading the staging buffer
+        staged = self.staging[:, :m]
+        staged[0] = host.k[heads_h.unsqueeze(1), gather]
+        staged[1] = host.v[heads_h.unsqueeze(1), gather]
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                on_device = staged.to(self.device, non_blocking=True)
+                self.copied.record(self.stream)
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        else:
+            on_device = staged.to(self.device)
+        heads_d, slots_d = heads.to(self.device), slots.to(self.device) + tier.resident_pages
+        tier.k[heads_d, slots_d] = on_device[0]
+        tier.v[heads_d, slots_d] = on_device[1]
+        tier.filled[heads_d, slots_d] = positions.to(self.device) >= 0
+        return staged.numel() * staged.element_size()

@@ -1,0 +1,133 @@
+"""Offline long-context tasks in the style of RULER, built on real English prose.
+
+The default haystack is `pydoc_data.topics` (about 465 kB of English that ships with Python); any other
+text can be passed as `prose=`. Every task is generated from a seed, so runs are comparable.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+TASK_KINDS = ("passkey", "multikey", "multivalue", "vartrack")
+
+
+@lru_cache(maxsize=1)
+def default_prose() -> str:
+    """English prose from Python's own documentation topics, one paragraph per line."""
+    from pydoc_data.topics import topics
+
+    paragraphs = []
+    for key in sorted(topics):
+        for block in topics[key].split("\n\n"):
+            line = " ".join(block.split())
+            # keep prose paragraphs, skip code listings and tables
+            if len(line) > 200 and line.count("(") < len(line) / 40 and not line.startswith((">>>", "+", "|")):
+                paragraphs.append(line)
+    return "\n".join(paragraphs)
+
+
+def sentences(prose: str) -> list[str]:
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", prose) if len(s.strip()) > 20]
+
+
+@dataclass
+class Task:
+    """One question: `prompt` ends where the answer should begin; `answers` must all appear in the output."""
+
+    kind: str
+    prompt: str
+    answers: list[str]
+    context_tokens: int
+    depth: float
+    meta: dict = field(default_factory=dict)
+
+    def score(self, generated: str) -> bool:
+        return all(a in generated for a in self.answers)
+
+
+class TaskBuilder:
+    """Builds tasks of roughly `context_tokens` tokens (measured with `tokenizer`) from prose."""
+
+    def __init__(self, tokenizer, prose: str | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.sentences = sentences(prose if prose is not None else default_prose())
+        if len(self.sentences) < 50:
+            raise ValueError("prose must hold at least 50 sentences to build haystacks")
+        self._lengths: dict[int, int] = {}
+
+    def _length(self, i: int) -> int:
+        if i not in self._lengths:
+            self._lengths[i] = len(self.tokenizer(" " + self.sentences[i], add_special_tokens=False).input_ids)
+        return self._lengths[i]
+
+    def _haystack(self, rng: random.Random, n_tokens: int) -> list[str]:
+        """Consecutive sentences from a random start, about `n_tokens` tokens in all."""
+        i, total, hay = rng.randrange(len(self.sentences)), 0, []
+        while total < n_tokens and len(hay) < len(self.sentences):
+            hay.append(self.sentences[i])
+            total += self._length(i)
+            i = (i + 1) % len(self.sentences)
+        return hay
+
+    def _assemble(self, rng: random.Random, kind: str, context_tokens: int, needles: list[str],
+                  depth: float, question: str, answers: list[str], meta: dict | None = None) -> Task:
+        budget = context_tokens - sum(len(self.tokenizer(n).input_ids) for n in needles) - 60
+        hay = self._haystack(rng, budget)
+        # spread several needles around the requested depth
+        for i, needle in enumerate(needles):
+            d = min(1.0, max(0.0, depth + (i - (len(needles) - 1) / 2) * 0.05))
+            hay.insert(int(d * len(hay)), needle)
+        body = " ".join(hay)
+        prompt = (f"Read the text below carefully; it hides some facts you will be asked about.\n\n{body}\n\n"
+                  f"{question}")
+        return Task(kind, prompt, answers, context_tokens, depth, meta or {})
+
+    def passkey(self, seed: int, context_tokens: int, depth: float) -> Task:
+        rng = random.Random(seed)
+        key = str(rng.randrange(10000, 99999))
+        # RULER's "The pass key is N. Remember it." wording loses the 135M model in Python-doc prose
+        # about keys; this phrasing is answered by full KV at 4k, so budgets are what the task measures
+        needle = f"The special magic number for the pass key is {key}."
+        return self._assemble(rng, "passkey", context_tokens, [needle], depth,
+                              "What is the special magic number for the pass key? "
+                              "The special magic number for the pass key is", [key])
+
+    def multikey(self, seed: int, context_tokens: int, depth: float, keys: int = 4) -> Task:
+        rng = random.Random(seed)
+        names = rng.sample(_WORDS, keys)
+        values = [str(rng.randrange(1000000, 9999999)) for _ in names]
+        needles = [f"The special magic number for {n} is {v}." for n, v in zip(names, values)]
+        ask = rng.randrange(keys)
+        return self._assemble(rng, "multikey", context_tokens, needles, depth,
+                              f"What is the special magic number for {names[ask]}? "
+                              f"The special magic number for {names[ask]} is", [values[ask]])
+
+    def multivalue(self, seed: int, context_tokens: int, depth: float, values: int = 2) -> Task:
+        rng = random.Random(seed)
+        name = rng.choice(_WORDS)
+        nums = [str(rng.randrange(1000000, 9999999)) for _ in range(values)]
+        needles = [f"One of the special magic numbers for {name} is {v}." for v in nums]
+        return self._assemble(rng, "multivalue", context_tokens, needles, depth,
+                              f"What are all the special magic numbers for {name}? "
+                              f"The special magic numbers for {name} are", nums)
+
+    def vartrack(self, seed: int, context_tokens: int, depth: float, hops: int = 3) -> Task:
+        rng = random.Random(seed)
+        value = str(rng.randrange(10000, 99999))
+        names = [f"{rng.choice('QWXZ')}{rng.randrange(100, 999)}" for _ in range(hops)]
+        needles = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, hops)]
+        return self._assemble(rng, "vartrack", context_tokens, needles, depth,
+                              f"Follow the VAR assignments. What number does VAR {names[-1]} hold? "
+                              f"VAR {names[-1]} holds", [value])
+
+    def build(self, kind: str, seed: int, context_tokens: int, depth: float) -> Task:
+        if kind not in TASK_KINDS:
+            raise ValueError(f"unknown task kind {kind!r}; one of {TASK_KINDS}")
+        return getattr(self, kind)(seed, context_tokens, depth)
+
+
+_WORDS = ["apple", "river", "candle", "mirror", "falcon", "violet", "harbor", "pepper", "glacier", "lantern",
+          "meadow", "copper", "orchid", "thunder", "saddle", "walnut", "beacon", "canyon", "marble", "velvet"]

@@ -1,0 +1,113 @@
+"""Invariants every registered index must keep, checked on random keys with hypothesis."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import icecache
+from icecache.index.base import TokenIndex
+
+INDEXES = icecache.available_indexes()
+
+
+def random_keys(seed: int, kv_heads: int, n: int, head_dim: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # keys with uneven norms, like real post-RoPE keys
+    return torch.randn(kv_heads, n, head_dim, generator=g) * (0.5 + torch.rand(kv_heads, n, 1, generator=g) * 2)
+
+
+def assert_layout(index: TokenIndex, n_tokens: int, kv_heads: int) -> None:
+    table = index.page_table
+    assert table.dtype == torch.long
+    assert table.dim() == 3 and table.shape[0] == kv_heads and table.shape[2] == index.page_size
+    assert index.num_pages == table.shape[1]
+    for h in range(kv_heads):
+        stored = table[h][table[h] >= 0]
+        assert stored.numel() == n_tokens, "every token stored exactly once"
+        assert torch.equal(stored.sort().values, torch.arange(n_tokens)), "every token stored exactly once"
+    assert bool((table >= -1).all())
+
+
+@pytest.mark.parametrize("name", INDEXES)
+@given(seed=st.integers(0, 10_000), kv_heads=st.integers(1, 3), page_size=st.sampled_from([1, 4, 16]),
+       n0=st.integers(0, 120), inserts=st.lists(st.integers(1, 40), max_size=5),
+       group=st.integers(1, 3), max_pages=st.integers(0, 12))
+def test_layout_and_search_invariants(name, seed, kv_heads, page_size, n0, inserts, group, max_pages):
+    head_dim = 8
+    index = icecache.get_index(name, head_dim=head_dim, page_size=page_size)
+    keys = random_keys(seed, kv_heads, n0 + sum(inserts), head_dim)
+    index.build(keys[:, :n0])
+    assert_layout(index, n0, kv_heads)
+    n = n0
+    for m in inserts:
+        before = index.page_table.clone()
+        changed = index.insert(keys[:, n : n + m])
+        n += m
+        assert index.num_tokens == n
+        assert_layout(index, n, kv_heads)
+        after = index.page_table
+        # every page whose contents differ from before must be reported as changed
+        common = min(before.shape[1], after.shape[1])
+        differs = (before[:, :common] != after[:, :common]).any(2).any(0).nonzero().flatten()
+        new_pages = torch.arange(common, after.shape[1])
+        assert set(differs.tolist()) | set(new_pages.tolist()) <= set(changed.tolist())
+    queries = random_keys(seed + 1, kv_heads, group, head_dim)
+    pages = index.search(queries, max_pages)
+    assert pages.shape == (kv_heads, max_pages) and pages.dtype == torch.long
+    for h in range(kv_heads):
+        chosen = pages[h][pages[h] >= 0]
+        assert bool((pages[h][len(chosen):] == -1).all()), "-1 only as padding after the chosen pages"
+        assert chosen.numel() == len(set(chosen.tolist())), "no page twice"
+        assert bool((chosen < index.num_pages).all())
+        assert chosen.numel() == min(max_pages, index.num_pages)
+
+
+@pytest.mark.parametrize("name", INDEXES)
+def test_bad_input_raises_and_keeps_index(name):
+    index = icecache.get_index(name, head_dim=8, page_size=4)
+    keys = random_keys(0, 2, 20, 8)
+    with pytest.raises(RuntimeError, match="build"):
+        index.search(keys[:, :1], 2)
+    index.build(keys)
+    table = index.page_table.clone()
+    bad = {
+        "3 dimensions": keys[0],
+        "head_dim": random_keys(0, 2, 5, 6),
+        "kv_heads": random_keys(0, 3, 5, 8),
+        "floating-point": keys.long(),
+        "NaN": torch.full((2, 3, 8), float("nan")),
+    }
+    for message, value in bad.items():
+        with pytest.raises((ValueError, TypeError), match=message):
+            index.insert(value)
+        assert torch.equal(index.page_table, table) and index.num_tokens == 20, "nothing stored was lost"
+    with pytest.raises(ValueError, match="queries"):
+        index.search(torch.full((2, 1, 8), float("nan")), 2)
+    with pytest.raises(ValueError, match="max_pages"):
+        index.search(keys[:, :1], -1)
+
+
+def test_registry_errors_name_the_choices():
+    with pytest.raises(ValueError, match="unknown index 'nope'.*exact"):
+        icecache.get_index("nope", head_dim=8)
+    with pytest.raises(TypeError):
+        icecache.get_index(3, head_dim=8)
+    with pytest.raises(ValueError, match="head_dim"):
+        icecache.get_index("exact", head_dim=0)
+
+
+def test_exact_picks_the_page_with_the_matching_key():
+    index = icecache.get_index("exact", head_dim=4, page_size=2)
+    keys = torch.zeros(1, 10, 4)
+    keys[0, 7] = torch.tensor([5.0, 0, 0, 0])
+    index.build(keys)
+    pages = index.search(torch.tensor([[[1.0, 0, 0, 0]]]), 1)
+    assert pages.tolist() == [[3]]  # token 7 lives on page 3
+
+
+def test_window_returns_newest_pages_first():
+    index = icecache.get_index("window", head_dim=4, page_size=4)
+    index.build(torch.randn(2, 10, 4))
+    index.insert(torch.randn(2, 7, 4))  # 17 tokens -> 5 pages
+    assert index.search(torch.randn(2, 1, 4), 3).tolist() == [[4, 3, 2]] * 2

@@ -1,0 +1,75 @@
+"""End to end on the real embedded model (SmolLM2-135M-Instruct, offline)."""
+
+import pytest
+import torch
+
+import icecache
+from icecache.runtime import full_kv_copy
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(smollm):
+    from icecache.tasks import default_prose
+
+    _, tok = smollm
+    return tok(default_prose()[:2500], return_tensors="pt").input_ids[:, :300]
+
+
+@pytest.fixture(scope="module")
+def full_kv_tokens(smollm, prompt_ids):
+    model, _ = smollm
+    return model.generate(prompt_ids, max_new_tokens=12, do_sample=False)
+
+
+@pytest.mark.parametrize("name", icecache.available_indexes())
+def test_generate_with_budget_covering_everything_equals_full_kv(smollm, prompt_ids, full_kv_tokens, name):
+    model, _ = smollm
+    runtime = icecache.IceRuntime(index=name, budget=prompt_ids.shape[1] + 12)
+    cache = runtime.new_cache(model)
+    out = model.generate(prompt_ids, past_key_values=cache, max_new_tokens=12, do_sample=False)
+    assert torch.equal(out, full_kv_tokens)
+    report = runtime.report(cache)
+    assert report.transfers.steps == 11 * (model.config.num_hidden_layers - runtime.dense_layers)
+    assert report.page_fill > 0.8
+
+
+def test_small_budget_decodes_and_keeps_device_tier_small(smollm, prompt_ids):
+    model, _ = smollm
+    runtime = icecache.IceRuntime(index="exact", budget=64)
+    cache = runtime.new_cache(model)
+    out = model.generate(prompt_ids, past_key_values=cache, max_new_tokens=6, do_sample=False)
+    assert out.shape[1] == prompt_ids.shape[1] + 6
+    report = runtime.report(cache)
+    assert report.device_kv_bytes < report.full_kv_bytes / 2
+    assert report.transfers.bytes_moved > 0
+
+
+def test_shared_prefill_matches_own_prefill(smollm, prompt_ids, full_kv_tokens):
+    model, _ = smollm
+    base = icecache.IceRuntime(index="window", budget=64).new_cache(model)
+    with torch.no_grad():
+        model(prompt_ids[:, :-1], cache=base, logits_to_keep=1)
+    full = model.generate(prompt_ids, cache=full_kv_copy(base), max_new_tokens=12, do_sample=False)
+    assert torch.equal(full, full_kv_tokens)
+    seeded = icecache.IceRuntime(index="exact", budget=400).new_cache(model, prefill=base)
+    out = model.generate(prompt_ids, cache=seeded, max_new_tokens=12, do_sample=False)
+    assert torch.equal(out, full_kv_tokens)
+
+
+def test_batch_of_two_is_a_clear_error_and_cache_stays_intact(smollm, prompt_ids):
+    model, _ = smollm
+    runtime = icecache.IceRuntime(index="exact", budget=128)
+    cache = runtime.new_cache(model)
+    with torch.no_grad():
+        model(prompt_ids[:, :50], cache=cache)
+    stored = cache.get_seq_length()
+    with pytest.raises(ValueError, match="batch size 2"):
+        with torch.no_grad():
+            model(prompt_ids[:, 50:52].repeat(2, 1), cache=cache)
+    assert cache.get_seq_length() == stored == 50
+    # the cache still works after the refused call
+    with torch.no_grad():
+        model(prompt_ids[:, 50:51], cache=cache)
+    assert cache.get_seq_length() == 51

@@ -1,0 +1,109 @@
+"""The paged runtime on random K/V: equivalence with dense attention, budget rule, transfers, errors."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import icecache
+from icecache.kernels import dense_decode_attention, paged_decode_attention_reference
+from icecache.runtime import Budget, SparseLayer
+
+INDEXES = icecache.available_indexes()
+
+
+def make_layer(name, budget, kv_heads=2, head_dim=16, page_size=4, sink=4, window=8):
+    index = icecache.get_index(name, head_dim=head_dim, page_size=page_size)
+    return SparseLayer(index, Budget(budget, page_size, sink, window), kv_heads, head_dim, torch.float32,
+                       torch.device("cpu"))
+
+
+def run_decode(layer, k, v, q_steps, prefill):
+    """Prefill `prefill` tokens, then decode the rest one by one; yield (query, output, tokens so far)."""
+    layer.store(k[:, :prefill], v[:, :prefill])
+    layer.admit(q_steps[0].view(layer.kv_heads, -1, layer.head_dim))
+    for t in range(prefill, k.shape[1]):
+        layer.store(k[:, t : t + 1], v[:, t : t + 1])
+        q = q_steps[t - prefill]
+        yield q, layer.decode(q), t + 1
+
+
+@pytest.mark.parametrize("name", INDEXES)
+@given(seed=st.integers(0, 10_000), prefill=st.integers(1, 70), steps=st.integers(1, 20), group=st.integers(1, 3))
+def test_budget_at_least_context_equals_dense_attention(name, seed, prefill, steps, group):
+    g = torch.Generator().manual_seed(seed)
+    kv_heads, head_dim, n = 2, 16, prefill + steps
+    k, v = torch.randn(kv_heads, n, head_dim, generator=g), torch.randn(kv_heads, n, head_dim, generator=g)
+    queries = torch.randn(steps, kv_heads * group, head_dim, generator=g) * 2
+    layer = make_layer(name, budget=max(n, 12))  # budget >= context (and >= sink + window)
+    for q, out, seen in run_decode(layer, k, v, queries, prefill):
+        expected = dense_decode_attention(q, k[:, :seen], v[:, :seen])
+        assert (out - expected).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("name", INDEXES)
+@given(seed=st.integers(0, 10_000), prefill=st.integers(1, 120), steps=st.integers(1, 30),
+       budget=st.integers(12, 60))
+def test_selection_never_exceeds_budget(name, seed, prefill, steps, budget):
+    g = torch.Generator().manual_seed(seed)
+    n = prefill + steps
+    k, v = torch.randn(2, n, 16, generator=g), torch.randn(2, n, 16, generator=g)
+    queries = torch.randn(steps, 2, 16, generator=g)
+    layer = make_layer(name, budget=budget)
+    for _, out, seen in run_decode(layer, k, v, queries, prefill):
+        attended = layer.tier.attention_mask().sum(dim=(1, 2))
+        assert bool((attended <= min(budget, seen)).all())
+        # sink and window are always attended in full
+        assert bool((attended >= min(seen, 4 + 8)).all())
+        assert torch.isfinite(out).all()
+
+
+def test_cached_pages_are_not_moved_again():
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 300, 16, generator=g), torch.randn(2, 300, 16, generator=g)
+    q = torch.randn(2, 16, generator=g)
+    layer = make_layer("exact", budget=44)  # 4 sink + 8 window + 8 pages of 4
+    list(run_decode(layer, k[:, :290], v[:, :290], q.expand(40, 2, 16), 280))
+    # the same query every step: after the first step only changed pages move
+    assert layer.stats.pages_loaded < layer.stats.pages_selected
+    assert 0.0 < layer.stats.hit_rate < 1.0
+    assert layer.stats.bytes_moved == layer.stats.pages_loaded * 2 * 4 * 16 * 4
+
+
+def test_budget_rule_errors_name_the_argument():
+    with pytest.raises(ValueError, match="budget=40 is smaller than sink \\+ window"):
+        Budget(40, 16, 16, 32)
+    with pytest.raises(ValueError, match="smaller than one page"):
+        Budget(8, 16, 0, 4)
+    with pytest.raises(ValueError, match="window"):
+        Budget(64, 16, 16, 0)
+    with pytest.raises(TypeError, match="budget"):
+        Budget(64.0, 16, 16, 32)
+    assert Budget(64).max_pages == 1 and Budget(256).max_pages == 13
+    with pytest.raises(ValueError, match="budget"):
+        icecache.IceRuntime(index="exact", budget=32)
+
+
+def test_runtime_rejects_unknown_and_unbuilt_indexes():
+    with pytest.raises(ValueError, match="unknown index 'nope'; available indexes: \\['exact'"):
+        icecache.IceRuntime(index="nope")
+    for name in ("tree", "hnsw", "ivf", "quest"):
+        if name not in INDEXES:
+            with pytest.raises(ValueError, match="not available yet"):
+                icecache.IceRuntime(index=name)
+
+
+def test_reference_attention_masks_and_gqa():
+    g = torch.Generator().manual_seed(1)
+    k, v = torch.randn(2, 3, 4, 8, generator=g), torch.randn(2, 3, 4, 8, generator=g)
+    valid = torch.rand(2, 3, 4, generator=g) > 0.4
+    valid[:, 0, 0] = True
+    q = torch.randn(6, 8, generator=g)
+    out = paged_decode_attention_reference(q, k, v, valid)
+    for h in range(6):
+        kv = h // 3
+        kk, vv = k[kv].reshape(-1, 8)[valid[kv].flatten()], v[kv].reshape(-1, 8)[valid[kv].flatten()]
+        expected = torch.softmax(kk @ q[h] / 8**0.5, 0) @ vv
+        assert torch.allclose(out[h], expected, atol=1e-6)
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        paged_decode_attention_reference(torch.randn(5, 8), k, v, valid)
