@@ -1,0 +1,54 @@
+"""Shared benchmark plumbing: output files, tables, prompt text."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+
+def environment() -> dict:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1))
+    return path
+
+
+def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Markdown table; `columns` are (key, header, format spec)."""
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    rule = "|" + "|".join("-" * (len(h) + 2) for _, h, _ in columns) + "|"
+    body = []
+    for row in rows:
+        cells = []
+        for key, header, spec in columns:
+            value = row.get(key, "")
+            cells.append(format(value, spec) if isinstance(value, (int, float)) and spec else str(value))
+        body.append("| " + " | ".join(cells) + " |")
+    return "\n".join([head, rule, *body])
+
+
+def prompt_ids(tokenizer, tokens: int, prose: str | None = None, offset: int = 0) -> torch.Tensor:
+    """`[1, tokens]` token ids of real prose (default: pydoc_data topics) starting `offset` paragraphs in."""
+    from ..tasks import default_prose
+
+    text = prose if prose is not None else default_prose()
+    paragraphs = text.split("\n")
+    text = "\n".join(paragraphs[offset % len(paragraphs):] + paragraphs[: offset % len(paragraphs)])
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    if ids.shape[1] < tokens:
+        raise ValueError(f"the prose holds only {ids.shape[1]} tokens; need {tokens}")
+    return ids[:, :tokens]

@@ -1,0 +1,78 @@
+"""The tree index: semantic layout, full pages, consistent centroids after inserts, hot pages."""
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import icecache
+from icecache.index.tree import balanced_pages
+
+
+def blobs(n_per, centers, head_dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    parts = [c + 0.05 * torch.randn(n_per, head_dim, generator=g) for c in centers]
+    return torch.cat(parts)
+
+
+def test_pages_hold_one_cluster_each():
+    centers = [torch.full((8,), 3.0), torch.full((8,), -3.0), torch.eye(8)[0] * 5]
+    points = blobs(32, centers)  # 96 tokens, 3 clusters of 32 = 2 pages each
+    perm = torch.randperm(96, generator=torch.Generator().manual_seed(1))
+    index = icecache.get_index("tree", head_dim=8, page_size=16)
+    index.build(points[perm].unsqueeze(0))
+    cluster = (perm // 32)  # cluster of each local position
+    for page in index.page_table[0]:
+        members = cluster[page[page >= 0]]
+        assert members.unique().numel() == 1
+    assert index.page_fill() == 1.0
+
+
+@given(seed=st.integers(0, 1000), n=st.integers(0, 200), inserts=st.lists(st.integers(1, 20), max_size=6))
+def test_centroids_stay_exact_and_pages_stay_full_enough(seed, n, inserts):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(2, n + sum(inserts), 8, generator=g)
+    index = icecache.get_index("tree", head_dim=8, page_size=8)
+    index.build(keys[:, :n])
+    pos = n
+    for m in inserts:
+        index.insert(keys[:, pos : pos + m])
+        pos += m
+    table = index.page_table
+    cents = index.centroids()
+    for h in range(2):
+        for p in range(table.shape[1]):
+            members = table[h, p][table[h, p] >= 0]
+            if members.numel():
+                assert torch.allclose(cents[h, p], keys[h, members].mean(0), atol=1e-4)
+    if pos >= 8:
+        # build fills pages; a split leaves two halves, so fill never drops below one half
+        assert index.page_fill() >= 0.5
+
+
+def test_balanced_pages_is_a_permutation_of_full_pages():
+    points = torch.randn(100, 5)
+    order = balanced_pages(points, 16)
+    assert torch.equal(order.sort().values, torch.arange(100))
+
+
+def test_hot_tokens_get_their_own_pages():
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 256, 8, generator=g)
+    target = keys[0, 100].clone()
+    queries = (target * 10).view(1, 1, 8)
+    index = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=2)
+    index.build(keys, queries)
+    hot = index.page_table[0, :2].flatten()
+    assert 100 in hot.tolist()
+
+
+def test_tree_finds_the_planted_key():
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(2, 500, 16, generator=g)
+    keys[:, 321] = 4 * torch.ones(16)
+    index = icecache.get_index("tree", head_dim=16, page_size=16)
+    index.build(keys)
+    pages = index.search(torch.ones(2, 3, 16), 2)
+    table = index.page_table
+    for h in range(2):
+        assert 321 in table[h, pages[h]].flatten().tolist()
