@@ -73,3 +73,24 @@ def test_batch_of_two_is_a_clear_error_and_cache_stays_intact(smollm, prompt_ids
     with torch.no_grad():
         model(prompt_ids[:, 50:51], cache=cache)
     assert cache.get_seq_length() == 51
+
+
+def test_layer_reuse_matches_full_kv_when_budget_covers_everything(smollm, prompt_ids, full_kv_tokens):
+    model, _ = smollm
+    runtime = icecache.IceRuntime(index="tree", budget=prompt_ids.shape[1] + 12, select_every=3)
+    out = model.generate(prompt_ids, cache=runtime.new_cache(model), max_new_tokens=12, do_sample=False)
+    assert torch.equal(out, full_kv_tokens)
+
+
+def test_layer_reuse_searches_once_per_group(smollm, prompt_ids):
+    model, _ = smollm
+    runtime = icecache.IceRuntime(index="tree", budget=64, select_every=3)
+    cache = runtime.new_cache(model)
+    model.generate(prompt_ids, cache=cache, max_new_tokens=4, do_sample=False)
+    layers = cache.sparse_layers
+    leaders = [l for l in layers if l.leader is None]
+    assert len(leaders) == -(-len(layers) // 3)
+    for layer in layers:
+        if layer.leader is not None:
+            assert layer.index is layer.leader.index
+            assert layer.stats.pages_selected == layer.leader.stats.pages_selected

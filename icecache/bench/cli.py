@@ -34,6 +34,46 @@ def _recall(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tasks(args: argparse.Namespace) -> int:
+    from .common import write_json
+    from .tasks import format_tasks, run_tasks
+
+    start = time.perf_counter()
+    model, tokenizer = _load_model(args)
+    result = run_tasks(model, tokenizer, kinds=args.kinds, contexts=args.contexts, depths=args.depths,
+                       budgets=args.budgets, indexes=args.indexes, seed=args.seed, prose=_read_prose(args.prose))
+    peers = Path(args.out) / "tasks_peers.json"
+    if peers.is_file():  # rows written by benchmarks/kvpress_peer.py in its own environment
+        import json
+
+        from .tasks import summarize
+
+        result["records"] += json.loads(peers.read_text())["records"]
+        result["summary"] = summarize(result["records"])
+    result["wall_seconds"] = time.perf_counter() - start
+    write_json(Path(args.out) / "tasks.json", result)
+    print(format_tasks(result))
+    print(f"\nwrote {Path(args.out) / 'tasks.json'}; wall time {result['wall_seconds']:.0f} s")
+    return 0
+
+
+def _latency(args: argparse.Namespace) -> int:
+    from .common import write_json
+    from .latency import format_latency, plot_latency, run_latency
+
+    start = time.perf_counter()
+    model, tokenizer = _load_model(args)
+    result = run_latency(model, tokenizer, contexts=args.contexts, indexes=args.indexes, budget=args.budget,
+                         steps=args.steps, runtime_options={"select_every": args.select_every})
+    result["wall_seconds"] = time.perf_counter() - start
+    out = Path(args.out)
+    write_json(out / "latency.json", result)
+    plot_latency(result, out / "latency.png")
+    print(format_latency(result))
+    print(f"\nwrote {out / 'latency.json'} and {out / 'latency.png'}; wall time {result['wall_seconds']:.0f} s")
+    return 0
+
+
 def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks: recall, tasks, latency")
     kinds = bench.add_subparsers(dest="bench", required=True)
@@ -47,3 +87,26 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     recall.add_argument("--prose", default=None, help="a text file to use instead of pydoc_data prose")
     recall.add_argument("--out", default="results", help="output folder")
     recall.set_defaults(run=_recall)
+
+    from ..tasks import TASK_KINDS
+
+    tasks = kinds.add_parser("tasks", help="RULER-style long-context tasks: full KV beside every index")
+    tasks.add_argument("--kinds", nargs="+", default=list(TASK_KINDS), choices=TASK_KINDS)
+    tasks.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096])
+    tasks.add_argument("--depths", type=float, nargs="+", default=[0.25, 0.75])
+    tasks.add_argument("--budgets", type=int, nargs="+", default=[64, 256])
+    tasks.add_argument("--indexes", nargs="+", default=None)
+    tasks.add_argument("--seed", type=int, default=0)
+    tasks.add_argument("--prose", default=None, help="a text file to use instead of pydoc_data prose")
+    tasks.add_argument("--out", default="results")
+    tasks.set_defaults(run=_tasks)
+
+    latency = kinds.add_parser("latency", help="decode time per token against context length")
+    latency.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    latency.add_argument("--indexes", nargs="+", default=None)
+    latency.add_argument("--budget", type=int, default=256)
+    latency.add_argument("--steps", type=int, default=16)
+    latency.add_argument("--select-every", type=int, default=1,
+                         help="layers sharing one page selection (IceCache(r) layer reuse)")
+    latency.add_argument("--out", default="results")
+    latency.set_defaults(run=_latency)

@@ -28,15 +28,17 @@ class IceCacheLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, make_layer: Callable[[int, int, torch.dtype, torch.device], SparseLayer]) -> None:
+    def __init__(self, make_layer: Callable[..., SparseLayer], leader: "IceCacheLayer | None" = None) -> None:
         super().__init__()
         self._make_layer = make_layer
+        self.leader = leader  # layer reuse: share this layer's index and page choice
         self.sparse: SparseLayer | None = None
         self.decoding = False  # True between update() and attention() of a one-token step
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         _, kv_heads, _, head_dim = key_states.shape
-        self.sparse = self._make_layer(kv_heads, head_dim, key_states.dtype, key_states.device)
+        leader = self.leader.sparse if self.leader is not None else None
+        self.sparse = self._make_layer(kv_heads, head_dim, key_states.dtype, key_states.device, leader)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
@@ -99,9 +101,13 @@ class IceCacheLayer(CacheLayerMixin):
 class IceCache(Cache):
     """The transformers `Cache` of one generation: `dense_layers` full-KV layers, then sparse layers."""
 
-    def __init__(self, num_layers: int, dense_layers: int,
-                 make_layer: Callable[[int, int, torch.dtype, torch.device], SparseLayer]) -> None:
-        layers = [DynamicLayer() if i < dense_layers else IceCacheLayer(make_layer) for i in range(num_layers)]
+    def __init__(self, num_layers: int, dense_layers: int, make_layer: Callable[..., SparseLayer],
+                 select_every: int = 1) -> None:
+        layers: list = [DynamicLayer() for _ in range(min(dense_layers, num_layers))]
+        for i in range(dense_layers, num_layers):
+            # with select_every > 1 the first sparse layer of each group searches, the others reuse it
+            leader = layers[i - (i - dense_layers) % select_every] if (i - dense_layers) % select_every else None
+            layers.append(IceCacheLayer(make_layer, leader))
         super().__init__(layers=layers)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):

@@ -36,12 +36,22 @@ class SparseLayer:
         budget: the shared budget rule.
         kv_heads, head_dim, dtype, device: the layer's KV geometry and compute device.
         kernel: decode attention over the device tier (default: the torch reference).
+        leader: with layer reuse (IceCache(r)), the layer whose index and page choice this layer shares;
+            this layer then only loads its own K/V for the leader's pages.
     """
 
     def __init__(self, index: TokenIndex, budget: Budget, kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, kernel: AttentionKernel = paged_decode_attention_reference,
-                 profile: bool = False) -> None:
+                 profile: bool = False, leader: "SparseLayer | None" = None) -> None:
         self.index, self.budget, self.kernel, self.profile = index, budget, kernel, profile
+        self.leader = leader
+        self.followers: list[SparseLayer] = []
+        self._stale_pages: list[torch.Tensor] = []  # index changes a follower has not applied yet
+        self.last_page_ids: torch.Tensor | None = None
+        if leader is not None:
+            if leader.index is not index:
+                raise ValueError("a follower layer must share its leader's index")
+            leader.followers.append(self)
         self.kv_heads, self.head_dim = kv_heads, head_dim
         self.host = HostTier(kv_heads, head_dim, dtype, device)
         self.tier = DeviceTier(kv_heads, head_dim, budget.page_size, budget.sink, budget.window,
@@ -75,7 +85,11 @@ class SparseLayer:
             end = min(sink, n)
             self.tier.write_resident(range(start, end), self.host.k[:, start:end], self.host.v[:, start:end])
         indexed_end = max(sink, n - window)
-        if self.index.kv_heads is None:
+        if self.leader is not None:  # the leader keeps the shared index; apply what changed in it
+            for changed in self._stale_pages:
+                self.tier.invalidate(changed)
+            self._stale_pages.clear()
+        elif self.index.kv_heads is None:
             self.prefill_queries = prefill_queries
             self.index.build(self.host.keys(sink, indexed_end), prefill_queries)
         else:
@@ -83,6 +97,8 @@ class SparseLayer:
             if indexed_end > already:
                 changed = self.index.insert(self.host.keys(already, indexed_end))
                 self.tier.invalidate(changed)
+                for follower in self.followers:
+                    follower._stale_pages.append(changed)
         first_window = max(start, sink, n - window)
         if first_window < n:
             self.tier.write_resident(range(first_window, n), self.host.k[:, first_window:n],
@@ -113,12 +129,17 @@ class SparseLayer:
 
     def select_pages(self, group_queries: torch.Tensor) -> torch.Tensor:
         """Page ids `[kv_heads, n]` (-1 padded) to attend besides sink and window."""
+        if self.leader is not None:
+            self.tier.grow_retrieval_slots(self.leader.tier.retrieval_slots)
+            return self.leader.last_page_ids
         if self.index.num_tokens <= self.budget.retrieval_tokens:
             # everything retrievable fits in the budget: keep every page, no search
             all_pages = torch.arange(self.index.num_pages, dtype=torch.long, device=group_queries.device)
             self.tier.grow_retrieval_slots(self.index.num_pages)
-            return all_pages.unsqueeze(0).expand(self.kv_heads, -1)
-        return self.index.search(group_queries, self.budget.max_pages)
+            self.last_page_ids = all_pages.unsqueeze(0).expand(self.kv_heads, -1)
+        else:
+            self.last_page_ids = self.index.search(group_queries, self.budget.max_pages)
+        return self.last_page_ids
 
     def load_pages(self, page_ids: torch.Tensor) -> None:
         """Make the selected pages resident in device slots, moving only those not already there."""

@@ -38,6 +38,9 @@ class IceRuntime:
         sink: first tokens always attended.
         window: most recent tokens always attended.
         dense_layers: the first layers keep full KV and full attention (the paper keeps 2).
+        select_every: layer reuse (the paper's IceCache(r)): the first of every `select_every` sparse
+            layers searches its index; the following ones reuse its index layout and page choice with
+            their own K/V. 1 = every layer selects for itself.
         index_options: keyword options for the index class.
         kernel: decode attention over the device tier; default the torch reference.
         profile: synchronize CUDA around each phase so per-phase timings are exact (slower).
@@ -49,7 +52,8 @@ class IceRuntime:
     """
 
     def __init__(self, index: str = "tree", budget: int = 256, page_size: int = 16, sink: int = 16,
-                 window: int = 32, dense_layers: int = 2, index_options: dict[str, Any] | None = None,
+                 window: int = 32, dense_layers: int = 2, select_every: int = 1,
+                 index_options: dict[str, Any] | None = None,
                  kernel=paged_decode_attention_reference, profile: bool = False) -> None:
         self.index_name = index
         index_class(index)  # unknown or unavailable names fail here, not at the first forward
@@ -57,14 +61,19 @@ class IceRuntime:
         if not isinstance(dense_layers, int) or dense_layers < 0:
             raise ValueError(f"dense_layers must be a non-negative int, got {dense_layers!r}")
         self.dense_layers = dense_layers
+        if not isinstance(select_every, int) or select_every < 1:
+            raise ValueError(f"select_every must be an int >= 1, got {select_every!r}")
+        self.select_every = select_every
         self.index_options = dict(index_options or {})
         self.kernel = kernel
         self.profile = profile
 
-    def _make_layer(self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> SparseLayer:
-        index = get_index(self.index_name, head_dim=head_dim, page_size=self.budget.page_size, **self.index_options)
+    def _make_layer(self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                    leader: SparseLayer | None = None) -> SparseLayer:
+        index = leader.index if leader is not None else get_index(
+            self.index_name, head_dim=head_dim, page_size=self.budget.page_size, **self.index_options)
         return SparseLayer(index, self.budget, kv_heads, head_dim, dtype, device, kernel=self.kernel,
-                           profile=self.profile)
+                           profile=self.profile, leader=leader)
 
     def new_cache(self, model: torch.nn.Module, prefill: Cache | None = None) -> IceCache:
         """A fresh cache for one generation with `model`, whose attention is routed through icecache.
@@ -81,7 +90,7 @@ class IceRuntime:
                             f"(a Llama-family decoder), got {type(model).__name__}")
         if getattr(model.config, "_attn_implementation", None) != ATTENTION_NAME:
             model.set_attn_implementation(ATTENTION_NAME)
-        cache = IceCache(num_layers, min(self.dense_layers, num_layers), self._make_layer)
+        cache = IceCache(num_layers, min(self.dense_layers, num_layers), self._make_layer, self.select_every)
         return cache if prefill is None else cache.seed_from(prefill)
 
     @staticmethod
@@ -106,4 +115,5 @@ class IceRuntime:
     def __repr__(self) -> str:
         b = self.budget
         return (f"IceRuntime(index={self.index_name!r}, budget={b.tokens}, page_size={b.page_size}, "
-                f"sink={b.sink}, window={b.window}, dense_layers={self.dense_layers})")
+                f"sink={b.sink}, window={b.window}, dense_layers={self.dense_layers}, "
+                f"select_every={self.select_every})")

@@ -1,0 +1,108 @@
+"""`icecache bench latency`: time per decode step as the context grows, full KV beside each index.
+
+One dense prefill per context is shared by every method; then each method decodes `steps` tokens
+(after warm-up steps) and is timed per step, with the sparse path split into search, transfer (bulk
+load) and attention (profiled runtime: CUDA is synchronised around each phase). Ratios to full KV are
+measured in the same run, on the same machine, back to back.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from ..index import available_indexes
+from ..runtime import IceRuntime, full_kv_copy
+from .common import environment, prompt_ids, table
+
+FULL = "full KV"
+
+
+@torch.no_grad()
+def _time_decode(model, cache, first_token: torch.Tensor, steps: int, warmup: int) -> float:
+    token = first_token
+    for i in range(warmup + steps):
+        if i == warmup:
+            if token.device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        logits = model(token, cache=cache, logits_to_keep=1).logits
+        token = logits[:, -1:].argmax(-1)
+    if token.device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def run_latency(model, tokenizer, contexts=(1024, 2048, 4096, 8192), indexes=None, budget: int = 256,
+                steps: int = 16, warmup: int = 2, runtime_options: dict | None = None,
+                prose: str | None = None) -> dict:
+    indexes = list(indexes or available_indexes())
+    runtime_options = runtime_options or {}
+    device = next(model.parameters()).device
+    rows = []
+    bar = tqdm(total=len(contexts) * (len(indexes) + 1), desc="latency", unit="run")
+    for context in contexts:
+        ids = prompt_ids(tokenizer, context, prose).to(device)
+        base = IceRuntime(index="window", budget=budget).new_cache(model)
+        with torch.no_grad():
+            model(ids[:, :-1], cache=base, logits_to_keep=1)
+        full_step = _time_decode(model, full_kv_copy(base), ids[:, -1:], steps, warmup)
+        full_bytes = sum(l.keys.numel() * l.keys.element_size() * 2 for l in full_kv_copy(base).layers)
+        rows.append({"context": context, "method": FULL, "step_ms": full_step * 1e3, "ratio": 1.0,
+                     "device_kv_mib": full_bytes / 2**20})
+        bar.update(1)
+        for name in indexes:
+            runtime = IceRuntime(index=name, budget=budget, profile=True, **runtime_options)
+            cache = runtime.new_cache(model, prefill=base)
+            step = _time_decode(model, cache, ids[:, -1:], steps, warmup)
+            report = runtime.report(cache)
+            done = report.transfers.steps or 1
+            layers = sum(1 for _ in cache.sparse_layers) or 1
+            per_step = lambda s: s / done * layers * 1e3  # per decode step, all sparse layers together
+            rows.append({"context": context, "method": name, "step_ms": step * 1e3, "ratio": step / full_step,
+                         "search_ms": per_step(report.transfers.seconds["search"]),
+                         "transfer_ms": per_step(report.transfers.seconds["transfer"]),
+                         "attention_ms": per_step(report.transfers.seconds["attention"]),
+                         "kib_moved_per_step": report.transfers.bytes_moved / done * layers / 1024,
+                         "hit_rate": report.transfers.hit_rate,
+                         "device_kv_mib": report.device_kv_bytes / 2**20})
+            bar.update(1)
+    bar.close()
+    return {"benchmark": "latency", "environment": environment(),
+            "settings": {"contexts": list(contexts), "budget": budget, "steps": steps, "warmup": warmup,
+                         "runtime_options": runtime_options},
+            "rows": rows}
+
+
+COLUMNS = [("context", "context", "d"), ("method", "method", ""), ("step_ms", "ms/token", ".1f"),
+           ("ratio", "vs full KV", ".2f"), ("search_ms", "search ms", ".2f"), ("transfer_ms", "transfer ms", ".2f"),
+           ("attention_ms", "attention ms", ".2f"), ("kib_moved_per_step", "KiB moved/token", ".0f"),
+           ("hit_rate", "hit rate", ".2f"), ("device_kv_mib", "device KV MiB", ".1f")]
+
+
+def format_latency(result: dict) -> str:
+    return table(result["rows"], COLUMNS)
+
+
+def plot_latency(result: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = result["rows"]
+    for name in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["context"], r["step_ms"]) for r in rows if r["method"] == name)
+        ax.plot(*zip(*pts), marker="o", label=name, linewidth=2.5 if name == FULL else 1.5)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("decode time per token (ms)")
+    ax.set_title(f"budget {result['settings']['budget']} - {result['environment']['device']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
