@@ -4,7 +4,7 @@
     >>> icecache.available_indexes()
     >>> rt = icecache.IceRuntime(index="tree", budget=256)
     >>> cache = rt.new_cache(model)
-    >>> model.generate(input_ids, past_key_values=cache, max_new_tokens=32, do_sample=False)
+    >>> model.generate(input_ids, cache=cache, max_new_tokens=32, do_sample=False)
 """
 
 from .index import TokenIndex, available_indexes, get_index, register_index

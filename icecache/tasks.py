@@ -35,14 +35,20 @@ def sentences(prose: str) -> list[str]:
 
 @dataclass
 class Task:
-    """One question: `prompt` ends where the answer should begin; `answers` must all appear in the output."""
+    """One question: `prompt` (= `context` + `question`) ends where the answer should begin; `answers`
+    must all appear in the output."""
 
     kind: str
-    prompt: str
+    context: str
+    question: str
     answers: list[str]
     context_tokens: int
     depth: float
     meta: dict = field(default_factory=dict)
+
+    @property
+    def prompt(self) -> str:
+        return self.context + self.question
 
     def score(self, generated: str) -> bool:
         return all(a in generated for a in self.answers)
@@ -80,10 +86,8 @@ class TaskBuilder:
         for i, needle in enumerate(needles):
             d = min(1.0, max(0.0, depth + (i - (len(needles) - 1) / 2) * 0.05))
             hay.insert(int(d * len(hay)), needle)
-        body = " ".join(hay)
-        prompt = (f"Read the text below carefully; it hides some facts you will be asked about.\n\n{body}\n\n"
-                  f"{question}")
-        return Task(kind, prompt, answers, context_tokens, depth, meta or {})
+        context = f"Read the text below carefully; it hides some facts you will be asked about.\n\n{' '.join(hay)}\n\n"
+        return Task(kind, context, question, answers, context_tokens, depth, meta or {})
 
     def passkey(self, seed: int, context_tokens: int, depth: float) -> Task:
         rng = random.Random(seed)

@@ -35,7 +35,10 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     for row in rows:
         cells = []
         for key, header, spec in columns:
-            value = row.get(key, "")
+            value = row.get(key)
+            if value is None:
+                cells.append("-")
+                continue
             cells.append(format(value, spec) if isinstance(value, (int, float)) and spec else str(value))
         body.append("| " + " | ".join(cells) + " |")
     return "\n".join([head, rule, *body])

@@ -99,11 +99,11 @@ def evaluate_layer(cap: Capture, layer_idx: int, index: str, budget: Budget,
         sums["output_error"] += float(((out - full).norm(dim=-1) / full.norm(dim=-1)).mean())
     steps = cap.steps
     result = {k: v / steps for k, v in sums.items()}
-    result.update({
-        "kv_bytes_moved_per_step": layer.stats.bytes_moved / steps if not ceiling else float("nan"),
-        "page_fill": layer.index.page_fill() if not ceiling else float("nan"),
-        "build_ms": build_seconds * 1e3 if not ceiling else float("nan"),
-        "search_ms": layer.stats.seconds["search"] / steps * 1e3 if not ceiling else float("nan"),
+    result.update({  # None where a measure has no meaning for the token-level ceiling
+        "kv_bytes_moved_per_step": None if ceiling else layer.stats.bytes_moved / steps,
+        "page_fill": None if ceiling else layer.index.page_fill(),
+        "build_ms": None if ceiling else build_seconds * 1e3,
+        "search_ms": None if ceiling else layer.stats.seconds["search"] / steps * 1e3,
     })
     return result
 
@@ -128,7 +128,8 @@ def run_recall(model, tokenizer, contexts=(4096,), budgets=(64, 128, 256, 512), 
                 for l in layer_ids:
                     per_layer[l] = evaluate_layer(cap, l, name, budget, index_options.get(name))
                     bar.update(1)
-                mean = {k: sum(r[k] for r in per_layer.values()) / len(per_layer) for k in next(iter(per_layer.values()))}
+                mean = {k: None if first is None else sum(r[k] for r in per_layer.values()) / len(per_layer)
+                        for k, first in next(iter(per_layer.values())).items()}
                 rows.append({"context": context, "index": name, "budget": b, **mean, "layers": per_layer})
         bar.close()
     return {"benchmark": "recall", "environment": environment(),
@@ -148,7 +149,8 @@ COLUMNS = [("context", "context", "d"), ("index", "index", ""), ("budget", "budg
 def format_recall(result: dict) -> str:
     rows = []
     for r in result["rows"]:
-        rows.append({**r, "kv_kib_per_step": r["kv_bytes_moved_per_step"] / 1024,
+        moved = r["kv_bytes_moved_per_step"]
+        rows.append({**r, "kv_kib_per_step": None if moved is None else moved / 1024,
                      "metadata_kib": r["metadata_bytes"] / 1024})
     return table(rows, COLUMNS)
 

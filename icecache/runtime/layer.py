@@ -146,7 +146,8 @@ class SparseLayer:
         miss, slot = self.tier.assign(page_ids.to(self.tier.slot_page.device))
         heads, rank = miss.nonzero(as_tuple=True)
         missing_pages = page_ids.to(miss.device)[heads, rank]
-        local = self.index.page_table.to(miss.device)[heads, missing_pages]  # [m, page_size]
+        table = self.index.page_table  # gather the rows where the index keeps them, not the whole table
+        local = table[heads.to(table.device), missing_pages.to(table.device)]  # [m, page_size]
         positions = torch.where(local >= 0, local + self.index_start, local)
         self.stats.bytes_moved += self.loader.load(self.host, self.tier, heads, slot[heads, rank], positions)
         self.tier.slot_page[heads, slot[heads, rank]] = missing_pages

@@ -4,18 +4,35 @@ runtime to a transformers model."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..index.base import get_index, index_class
-from ..kernels.reference import paged_decode_attention_reference
+from ..kernels import paged_decode_attention, paged_decode_attention_reference
 from .budget import Budget
 from transformers.cache_utils import Cache
 
 from .cache import ATTENTION_NAME, IceCache
 from .layer import SparseLayer
 from .tiers import TransferStats
+
+
+KERNELS = ("auto", "triton", "reference")
+
+
+def _resolve_kernel(kernel: str | Callable) -> Callable:
+    if callable(kernel):
+        return kernel
+    if kernel == "auto":
+        return paged_decode_attention  # Triton for CUDA tensors, the torch reference elsewhere
+    if kernel == "reference":
+        return paged_decode_attention_reference
+    if kernel == "triton":
+        from ..kernels import paged_decode_attention_triton
+
+        return paged_decode_attention_triton
+    raise ValueError(f"kernel must be one of {KERNELS} or a callable, got {kernel!r}")
 
 
 @dataclass
@@ -42,19 +59,20 @@ class IceRuntime:
             layers searches its index; the following ones reuse its index layout and page choice with
             their own K/V. 1 = every layer selects for itself.
         index_options: keyword options for the index class.
-        kernel: decode attention over the device tier; default the torch reference.
+        kernel: decode attention over the device tier: "auto" (the Triton kernel on CUDA, the torch
+            reference elsewhere), "triton", "reference", or a callable with the reference's signature.
         profile: synchronize CUDA around each phase so per-phase timings are exact (slower).
 
     Example:
         >>> rt = IceRuntime(index="exact", budget=256)
         >>> cache = rt.new_cache(model)
-        >>> model.generate(input_ids, past_key_values=cache, max_new_tokens=32, do_sample=False)
+        >>> model.generate(input_ids, cache=cache, max_new_tokens=32, do_sample=False)
     """
 
     def __init__(self, index: str = "tree", budget: int = 256, page_size: int = 16, sink: int = 16,
                  window: int = 32, dense_layers: int = 2, select_every: int = 1,
                  index_options: dict[str, Any] | None = None,
-                 kernel=paged_decode_attention_reference, profile: bool = False) -> None:
+                 kernel: str | Callable = "auto", profile: bool = False) -> None:
         self.index_name = index
         index_class(index)  # unknown or unavailable names fail here, not at the first forward
         self.budget = Budget(tokens=budget, page_size=page_size, sink=sink, window=window)
@@ -65,7 +83,7 @@ class IceRuntime:
             raise ValueError(f"select_every must be an int >= 1, got {select_every!r}")
         self.select_every = select_every
         self.index_options = dict(index_options or {})
-        self.kernel = kernel
+        self.kernel = _resolve_kernel(kernel)
         self.profile = profile
 
     def _make_layer(self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
