@@ -51,9 +51,14 @@ def run_demo(samples: int = 6, context_tokens: int = 4096, budgets=(64, 128, 256
         base = IceRuntime(index="window", budget=max(budgets)).new_cache(model)
         with torch.no_grad():
             model(ids[:, :-1], cache=base, logits_to_keep=1)
+        donors = {}  # one index build per (question, index), copied for every budget
         for (name, b), row in rows.items():
-            cache = full_kv_copy(base) if name == "full KV" else \
-                IceRuntime(index=name, budget=int(b)).new_cache(model, prefill=base)
+            if name == "full KV":
+                cache = full_kv_copy(base)
+            else:
+                if name not in donors:
+                    donors[name] = IceRuntime(index=name, budget=max(budgets)).new_cache(model, prefill=base)
+                cache = IceRuntime(index=name, budget=int(b)).new_cache(model, prefill=donors[name])
             start = time.perf_counter()
             out = model.generate(ids, cache=cache, max_new_tokens=max_new_tokens, do_sample=False)
             row.seconds += time.perf_counter() - start

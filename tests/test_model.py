@@ -94,3 +94,19 @@ def test_layer_reuse_searches_once_per_group(smollm, prompt_ids):
         if layer.leader is not None:
             assert layer.index is layer.leader.index
             assert layer.stats.pages_selected == layer.leader.stats.pages_selected
+
+
+def test_seeding_from_a_cache_with_the_same_index_copies_it(smollm, prompt_ids):
+    model, _ = smollm
+    donor = icecache.IceRuntime(index="tree", budget=256).new_cache(model)
+    with torch.no_grad():
+        model(prompt_ids[:, :-1], cache=donor, logits_to_keep=1)
+    copied = icecache.IceRuntime(index="tree", budget=64).new_cache(model, prefill=donor)
+    rebuilt = icecache.IceRuntime(index="tree", budget=64, index_options={"hot_pages": 8}).new_cache(
+        model, prefill=donor)  # other options: a different signature, so it builds its own
+    for a, b in zip(copied.sparse_layers, donor.sparse_layers):
+        assert a.index is not b.index and torch.equal(a.index.page_table, b.index.page_table)
+    out_copied = model.generate(prompt_ids, cache=copied, max_new_tokens=6, do_sample=False)
+    out_rebuilt = model.generate(prompt_ids, cache=rebuilt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(out_copied, out_rebuilt)  # copying is only a shortcut: same answers
+    assert donor.get_seq_length() == prompt_ids.shape[1] - 1  # the donor is untouched

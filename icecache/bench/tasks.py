@@ -42,13 +42,17 @@ def run_tasks(model, tokenizer, kinds=TASK_KINDS, contexts=(2048, 4096), depths=
         base = IceRuntime(index="window", budget=max(budgets)).new_cache(model)
         with torch.no_grad():
             model(ids[:, :-1], cache=base, logits_to_keep=1)
+        donors = {}  # one index build per (task, index), copied for every budget
         for name, budget in configs:
             start = time.perf_counter()
             if name in extra_methods:
                 text = extra_methods[name](model, tokenizer, task, NEW_TOKENS[task.kind])
             else:
+                if name != FULL and name not in donors:
+                    donors[name] = IceRuntime(index=name, budget=max(budgets), **runtime_options).new_cache(
+                        model, prefill=base)
                 cache = full_kv_copy(base) if name == FULL else IceRuntime(
-                    index=name, budget=budget, **runtime_options).new_cache(model, prefill=base)
+                    index=name, budget=budget, **runtime_options).new_cache(model, prefill=donors[name])
                 out = model.generate(ids, cache=cache, max_new_tokens=NEW_TOKENS[task.kind], do_sample=False)
                 text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
             records.append({"method": name, "budget": budget, "kind": task.kind, "context": task.context_tokens,

@@ -31,13 +31,16 @@ class HnswIndex(TokenOrderIndex):
 
     Options (keyword arguments of `get_index("hnsw", ...)`):
         space: how inner products are searched, one of
-            - `"ip"` (default): hnswlib's inner-product space (distance `1 - q . k`) on the raw keys.
-            - `"augmented"`: the MIPS-to-L2 reduction. Keys become `k' = [k, sqrt(R^2 - |k|^2)]` and queries
+            - `"ip"`: hnswlib's inner-product space (distance `1 - q . k`) on the raw keys.
+            - `"augmented"` (default): the MIPS-to-L2 reduction. Keys become `k' = [k, sqrt(R^2 - |k|^2)]` and queries
               `q' = [q, 0]`, so `|q' - k'|^2 = |q|^2 + R^2 - 2 q . k`: the nearest key in L2 is the one with
               the largest inner product, and the graph is built in a true metric space (better navigable
               than raw inner product). `R` is a per-head radius of `norm_headroom` (1.2) times the largest
               key norm seen at build; an insert bringing a key longer than `R` rebuilds that head's graph
               with a new `R` (1.2 x the new maximum), so rebuilds are rare (geometric growth).
+              Measured on the embedded model's real decode queries (4k context, layers 2, 5, ..., 29, 8
+              steps): retrievable recall 0.306 / 0.493 at budgets 128 / 256 against 0.260 / 0.457 for
+              `"ip"` (0.271 / 0.457 with `ef=128`), hence the default.
         M: graph degree (hnswlib `M`, default 16).
         ef_construction: candidate list size while building (default 100).
         ef: candidate list size while searching (default 64; hnswlib uses `max(ef, k)`).
@@ -54,7 +57,7 @@ class HnswIndex(TokenOrderIndex):
 
     norm_headroom = 1.2
 
-    def __init__(self, head_dim: int, page_size: int = 16, space: str = "ip", M: int = 16,
+    def __init__(self, head_dim: int, page_size: int = 16, space: str = "augmented", M: int = 16,
                  ef_construction: int = 100, ef: int = 64) -> None:
         super().__init__(head_dim, page_size)
         if space not in SPACES:

@@ -8,6 +8,7 @@ function finds its layer without globals and without patching model code.
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -16,6 +17,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
+from ..index.base import TokenIndex
 from .layer import BUILD_QUERY_POSITIONS, SparseLayer
 
 ATTENTION_NAME = "icecache"
@@ -35,10 +37,11 @@ class IceCacheLayer(CacheLayerMixin):
         self.sparse: SparseLayer | None = None
         self.decoding = False  # True between update() and attention() of a one-token step
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor,
+                            index: TokenIndex | None = None) -> None:
         _, kv_heads, _, head_dim = key_states.shape
         leader = self.leader.sparse if self.leader is not None else None
-        self.sparse = self._make_layer(kv_heads, head_dim, key_states.dtype, key_states.device, leader)
+        self.sparse = self._make_layer(kv_heads, head_dim, key_states.dtype, key_states.device, leader, index)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
@@ -102,7 +105,8 @@ class IceCache(Cache):
     """The transformers `Cache` of one generation: `dense_layers` full-KV layers, then sparse layers."""
 
     def __init__(self, num_layers: int, dense_layers: int, make_layer: Callable[..., SparseLayer],
-                 select_every: int = 1) -> None:
+                 select_every: int = 1, index_signature: tuple | None = None) -> None:
+        self.index_signature = index_signature  # see IceRuntime.index_signature
         layers: list = [DynamicLayer() for _ in range(min(dense_layers, num_layers))]
         for i in range(dense_layers, num_layers):
             # with select_every > 1 the first sparse layer of each group searches, the others reuse it
@@ -127,10 +131,15 @@ class IceCache(Cache):
             raise ValueError("seed_from() needs an empty cache; create one with IceRuntime.new_cache(model)")
         if len(source.layers) != len(self.layers):
             raise ValueError(f"source has {len(source.layers)} layers, this cache {len(self.layers)}")
+        signature = self.index_signature
         for mine, theirs in zip(self.layers, source.layers):
             keys, values, queries = layer_tokens(theirs)
             if isinstance(mine, IceCacheLayer):
-                mine.lazy_initialization(keys[None], values[None])
+                built = None
+                if (isinstance(theirs, IceCacheLayer) and signature is not None and mine.leader is None
+                        and theirs.sparse.leader is None and theirs.sparse.index_signature == signature):
+                    built = copy.deepcopy(theirs.sparse.index)  # same layout either way: copy, don't rebuild
+                mine.lazy_initialization(keys[None], values[None], built)
                 mine.sparse.store(keys, values)
                 mine.sparse.admit(queries)
             else:

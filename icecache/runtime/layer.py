@@ -48,6 +48,7 @@ class SparseLayer:
         self.followers: list[SparseLayer] = []
         self._stale_pages: list[torch.Tensor] = []  # index changes a follower has not applied yet
         self.last_page_ids: torch.Tensor | None = None
+        self.index_signature: tuple | None = None  # set by IceRuntime: when an index may be copied
         if leader is not None:
             if leader.index is not index:
                 raise ValueError("a follower layer must share its leader's index")

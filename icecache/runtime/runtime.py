@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..index.base import get_index, index_class
+from ..index.base import TokenIndex, get_index, index_class
 from ..kernels import paged_decode_attention, paged_decode_attention_reference
 from .budget import Budget
 from transformers.cache_utils import Cache
@@ -86,19 +86,33 @@ class IceRuntime:
         self.kernel = _resolve_kernel(kernel)
         self.profile = profile
 
+    @property
+    def index_signature(self) -> tuple:
+        """What determines an index's layout: two runtimes with the same signature build the same index
+        from the same tokens, whatever their budgets."""
+        return (self.index_name, self.budget.page_size, self.budget.sink, self.budget.window,
+                repr(sorted(self.index_options.items())))
+
     def _make_layer(self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-                    leader: SparseLayer | None = None) -> SparseLayer:
-        index = leader.index if leader is not None else get_index(
-            self.index_name, head_dim=head_dim, page_size=self.budget.page_size, **self.index_options)
-        return SparseLayer(index, self.budget, kv_heads, head_dim, dtype, device, kernel=self.kernel,
-                           profile=self.profile, leader=leader)
+                    leader: SparseLayer | None = None, index: TokenIndex | None = None) -> SparseLayer:
+        if leader is not None:
+            index = leader.index
+        elif index is None:
+            index = get_index(self.index_name, head_dim=head_dim, page_size=self.budget.page_size,
+                              **self.index_options)
+        layer = SparseLayer(index, self.budget, kv_heads, head_dim, dtype, device, kernel=self.kernel,
+                            profile=self.profile, leader=leader)
+        layer.index_signature = self.index_signature
+        return layer
 
     def new_cache(self, model: torch.nn.Module, prefill: Cache | None = None) -> IceCache:
         """A fresh cache for one generation with `model`, whose attention is routed through icecache.
 
         Pass it as `past_key_values=` to `model.generate` or `model(...)`. With `prefill` (a cache that
         already holds a prompt's K/V, e.g. another runtime's), the new cache starts from those tokens and
-        builds its own indexes, so several runtimes can share one dense prefill.
+        builds its own indexes, so several runtimes can share one dense prefill. When `prefill` is an
+        IceCache whose indexes this runtime would build identically (same index, options, page size,
+        sink and window; any budget), they are copied instead of rebuilt.
         """
         config = getattr(model, "config", None)
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -108,7 +122,8 @@ class IceRuntime:
                             f"(a Llama-family decoder), got {type(model).__name__}")
         if getattr(model.config, "_attn_implementation", None) != ATTENTION_NAME:
             model.set_attn_implementation(ATTENTION_NAME)
-        cache = IceCache(num_layers, min(self.dense_layers, num_layers), self._make_layer, self.select_every)
+        cache = IceCache(num_layers, min(self.dense_layers, num_layers), self._make_layer, self.select_every,
+                         self.index_signature)
         return cache if prefill is None else cache.seed_from(prefill)
 
     @staticmethod
