@@ -35,6 +35,29 @@ def _time_decode(model, cache, first_token: torch.Tensor, steps: int, warmup: in
     return (time.perf_counter() - start) / steps
 
 
+def _prefill_attention_ms(keys: torch.Tensor, q_heads: int) -> float:
+    """Time of one layer's dense causal prefill attention (SDPA) over `keys` `[kv_heads, n, head_dim]`."""
+    kv_heads, n, head_dim = keys.shape
+    q = torch.randn(1, q_heads, n, head_dim, dtype=keys.dtype, device=keys.device)
+    k = keys.unsqueeze(0).repeat_interleave(q_heads // kv_heads, dim=1)
+    start = time.perf_counter()
+    torch.nn.functional.scaled_dot_product_attention(q, k, k, is_causal=True)
+    if keys.device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
+def _build_ms(name: str, keys: torch.Tensor, queries: torch.Tensor | None, page_size: int, sink: int,
+              window: int) -> float:
+    """Time to build `name`'s index over one layer's retrievable keys (what prefill adds per layer)."""
+    from ..index import get_index
+
+    index = get_index(name, head_dim=keys.shape[-1], page_size=page_size)
+    start = time.perf_counter()
+    index.build(keys[:, sink: keys.shape[1] - window], queries)
+    return (time.perf_counter() - start) * 1e3
+
+
 def run_latency(model, tokenizer, contexts=(1024, 2048, 4096, 8192), indexes=None, budget: int = 256,
                 steps: int = 16, warmup: int = 2, runtime_options: dict | None = None,
                 prose: str | None = None) -> dict:
@@ -50,8 +73,11 @@ def run_latency(model, tokenizer, contexts=(1024, 2048, 4096, 8192), indexes=Non
             model(ids[:, :-1], cache=base, logits_to_keep=1)
         full_step = _time_decode(model, full_kv_copy(base), ids[:, -1:], steps, warmup)
         full_bytes = sum(l.keys.numel() * l.keys.element_size() * 2 for l in full_kv_copy(base).layers)
+        probe = base.sparse_layers[0]  # one sparse layer's real keys and prefill queries
+        probe_keys = probe.host.keys(0, probe.num_tokens)
         rows.append({"context": context, "method": FULL, "step_ms": full_step * 1e3, "ratio": 1.0,
-                     "device_kv_mib": full_bytes / 2**20})
+                     "device_kv_mib": full_bytes / 2**20,
+                     "prefill_ms": _prefill_attention_ms(probe_keys, model.config.num_attention_heads)})
         bar.update(1)
         for name in indexes:
             runtime = IceRuntime(index=name, budget=budget, profile=True, **runtime_options)
@@ -67,7 +93,9 @@ def run_latency(model, tokenizer, contexts=(1024, 2048, 4096, 8192), indexes=Non
                          "attention_ms": per_step(report.transfers.seconds["attention"]),
                          "kib_moved_per_step": report.transfers.bytes_moved / done * layers / 1024,
                          "hit_rate": report.transfers.hit_rate,
-                         "device_kv_mib": report.device_kv_bytes / 2**20})
+                         "device_kv_mib": report.device_kv_bytes / 2**20,
+                         "prefill_ms": _build_ms(name, probe_keys, probe.prefill_queries, runtime.budget.page_size,
+                                                 runtime.budget.sink, runtime.budget.window)})
             bar.update(1)
     bar.close()
     return {"benchmark": "latency", "environment": environment(),
@@ -79,7 +107,8 @@ def run_latency(model, tokenizer, contexts=(1024, 2048, 4096, 8192), indexes=Non
 COLUMNS = [("context", "context", "d"), ("method", "method", ""), ("step_ms", "ms/token", ".1f"),
            ("ratio", "vs full KV", ".2f"), ("search_ms", "search ms", ".2f"), ("transfer_ms", "transfer ms", ".2f"),
            ("attention_ms", "attention ms", ".2f"), ("kib_moved_per_step", "KiB moved/token", ".0f"),
-           ("hit_rate", "hit rate", ".2f"), ("device_kv_mib", "device KV MiB", ".1f")]
+           ("hit_rate", "hit rate", ".2f"), ("device_kv_mib", "device KV MiB", ".1f"),
+           ("prefill_ms", "prefill attn / index build ms per layer", ".1f")]
 
 
 def format_latency(result: dict) -> str:

@@ -47,16 +47,17 @@ class TreeIndex(TokenIndex):
     Options:
         hot_pages: pages reserved for the tokens the prefill's last queries attend to most (0 disables;
             capped at a quarter of the pages). Default 8.
-        candidate_factor: search rescans `candidate_factor x max_pages` (at least 8) best-centroid pages
-            exactly. Default 2.
+        candidate_factor: search rescans `candidate_factor x max_pages` (at least `min_candidates`, default
+            8) best-centroid pages exactly. Default 2. Measured trade-off: `candidate_factor=8,
+            min_candidates=32` kept all of full KV's pass-key / multi-key answers at budget 256 (0.86 with
+            the defaults) at about twice the search time; see benchmarks/RESULTS.md.
         norm_headroom: `M` = this x the largest key norm at build; later keys beyond it clamp. Default 1.2.
     """
 
     uses_build_queries = True
-    min_candidates = 8
 
     def __init__(self, head_dim: int, page_size: int = 16, hot_pages: int = 8, candidate_factor: int = 2,
-                 norm_headroom: float = 1.2) -> None:
+                 norm_headroom: float = 1.2, min_candidates: int = 8) -> None:
         super().__init__(head_dim, page_size)
         if not isinstance(hot_pages, int) or hot_pages < 0:
             raise ValueError(f"hot_pages must be a non-negative int, got {hot_pages!r}")
@@ -64,7 +65,10 @@ class TreeIndex(TokenIndex):
             raise ValueError(f"candidate_factor must be an int >= 1, got {candidate_factor!r}")
         if not norm_headroom >= 1.0:
             raise ValueError(f"norm_headroom must be >= 1.0, got {norm_headroom!r}")
+        if not isinstance(min_candidates, int) or min_candidates < 1:
+            raise ValueError(f"min_candidates must be an int >= 1, got {min_candidates!r}")
         self.hot_pages, self.candidate_factor, self.norm_headroom = hot_pages, candidate_factor, norm_headroom
+        self.min_candidates = min_candidates
 
     # -- build -----------------------------------------------------------------------------------
 
