@@ -48,16 +48,16 @@ class TreeIndex(TokenIndex):
         hot_pages: pages reserved for the tokens the prefill's last queries attend to most (0 disables;
             capped at a quarter of the pages). Default 8.
         candidate_factor: search rescans `candidate_factor x max_pages` (at least `min_candidates`, default
-            8) best-centroid pages exactly. Default 2. Measured trade-off: `candidate_factor=8,
-            min_candidates=32` kept all of full KV's pass-key / multi-key answers at budget 256 (0.86 with
-            the defaults) at about twice the search time; see benchmarks/RESULTS.md.
+            16) best-centroid pages exactly. Default 4: on the 16-question task suite it keeps every answer
+            full KV gives at budget 256 (0.75 with 2 and 8; 8 and 32 gain nothing more); see
+            benchmarks/RESULTS.md.
         norm_headroom: `M` = this x the largest key norm at build; later keys beyond it clamp. Default 1.2.
     """
 
     uses_build_queries = True
 
-    def __init__(self, head_dim: int, page_size: int = 16, hot_pages: int = 8, candidate_factor: int = 2,
-                 norm_headroom: float = 1.2, min_candidates: int = 8) -> None:
+    def __init__(self, head_dim: int, page_size: int = 16, hot_pages: int = 8, candidate_factor: int = 4,
+                 norm_headroom: float = 1.2, min_candidates: int = 16) -> None:
         super().__init__(head_dim, page_size)
         if not isinstance(hot_pages, int) or hot_pages < 0:
             raise ValueError(f"hot_pages must be a non-negative int, got {hot_pages!r}")
