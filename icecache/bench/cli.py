@@ -17,25 +17,32 @@ def _read_prose(path: str | None) -> str | None:
     return Path(path).read_text() if path else None
 
 
-def _recall(args: argparse.Namespace) -> int:
+def _finish(args: argparse.Namespace, name: str, result: dict, start: float, text: str, plot=None) -> int:
+    """Write `<out>/<name>.json` (and `<name>.png` with `plot`), print the table and the wall time."""
     from .common import write_json
+
+    result["wall_seconds"] = time.perf_counter() - start
+    out = Path(args.out)
+    written = [write_json(out / f"{name}.json", result)]
+    if plot is not None:
+        plot(result, out / f"{name}.png")
+        written.append(out / f"{name}.png")
+    print(text)
+    print(f"\nwrote {' and '.join(map(str, written))}; wall time {result['wall_seconds']:.0f} s")
+    return 0
+
+
+def _recall(args: argparse.Namespace) -> int:
     from .recall import format_recall, plot_recall, run_recall
 
     start = time.perf_counter()
     model, tokenizer = _load_model(args)
     result = run_recall(model, tokenizer, contexts=args.contexts, budgets=args.budgets, indexes=args.indexes,
                         steps=args.steps, layers=args.layers, prose=_read_prose(args.prose))
-    result["wall_seconds"] = time.perf_counter() - start
-    out = Path(args.out)
-    write_json(out / "recall.json", result)
-    plot_recall(result, out / "recall.png")
-    print(format_recall(result))
-    print(f"\nwrote {out / 'recall.json'} and {out / 'recall.png'}; wall time {result['wall_seconds']:.0f} s")
-    return 0
+    return _finish(args, "recall", result, start, format_recall(result), plot_recall)
 
 
 def _tasks(args: argparse.Namespace) -> int:
-    from .common import write_json
     from .tasks import format_tasks, run_tasks
 
     start = time.perf_counter()
@@ -50,28 +57,17 @@ def _tasks(args: argparse.Namespace) -> int:
 
         result["records"] += json.loads(peers.read_text())["records"]
         result["summary"] = summarize(result["records"])
-    result["wall_seconds"] = time.perf_counter() - start
-    write_json(Path(args.out) / "tasks.json", result)
-    print(format_tasks(result))
-    print(f"\nwrote {Path(args.out) / 'tasks.json'}; wall time {result['wall_seconds']:.0f} s")
-    return 0
+    return _finish(args, "tasks", result, start, format_tasks(result))
 
 
 def _latency(args: argparse.Namespace) -> int:
-    from .common import write_json
     from .latency import format_latency, plot_latency, run_latency
 
     start = time.perf_counter()
     model, tokenizer = _load_model(args)
     result = run_latency(model, tokenizer, contexts=args.contexts, indexes=args.indexes, budget=args.budget,
                          steps=args.steps, runtime_options={"select_every": args.select_every})
-    result["wall_seconds"] = time.perf_counter() - start
-    out = Path(args.out)
-    write_json(out / "latency.json", result)
-    plot_latency(result, out / "latency.png")
-    print(format_latency(result))
-    print(f"\nwrote {out / 'latency.json'} and {out / 'latency.png'}; wall time {result['wall_seconds']:.0f} s")
-    return 0
+    return _finish(args, "latency", result, start, format_latency(result), plot_latency)
 
 
 def add_bench_commands(sub: argparse._SubParsersAction) -> None:
