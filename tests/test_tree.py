@@ -66,6 +66,31 @@ def test_hot_tokens_get_their_own_pages():
     assert 100 in hot.tolist()
 
 
+def test_hot_tiers_grow_and_respect_their_share():
+    index = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=2, hot_tiers=3, hot_growth=3,
+                               max_hot_share=0.5)
+    assert index._hot_tier_pages(100) == [2, 6, 18]
+    assert index._hot_tier_pages(20) == [2, 6, 2]  # cut at half of 20 pages
+    assert icecache.get_index("tree", head_dim=8, hot_pages=0)._hot_tier_pages(100) == []
+
+
+def test_tokens_the_same_queries_attend_share_a_page():
+    # two groups of 16 hot tokens, each attended by its own query; their keys are interleaved at random so
+    # that only the attention profile (which query attends a token) tells the groups apart
+    g = torch.Generator().manual_seed(1)
+    keys = 0.1 * torch.randn(1, 512, 8, generator=g)
+    a, b = torch.zeros(8), torch.zeros(8)
+    a[0], b[1] = 3.0, 3.0
+    group_a, group_b = torch.arange(0, 64, 4), torch.arange(2, 64, 4)
+    keys[0, group_a] += a + 0.3 * torch.randn(16, 8, generator=g)
+    keys[0, group_b] += b + 0.3 * torch.randn(16, 8, generator=g)
+    queries = torch.stack([a, b]).view(1, 2, 8) * 3
+    index = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=2, hot_tiers=1)
+    index.build(keys, queries)
+    first_two = [set(index.page_table[0, p].tolist()) for p in range(2)]
+    assert sorted(map(sorted, first_two)) == sorted([group_a.tolist(), group_b.tolist()])
+
+
 def test_tree_finds_the_planted_key():
     g = torch.Generator().manual_seed(3)
     keys = torch.randn(2, 500, 16, generator=g)

@@ -3,9 +3,13 @@
 Per KV head, tokens are split recursively in two by 2-means on keys augmented for maximum inner product
 (`k' = [k, sqrt(M^2 - |k|^2)]`), each split cut so that the left side holds whole pages: every leaf of
 the resulting binary tree is one full page (fill ~1.0 at build), and siblings get adjacent page ids.
-Tokens the prefill's last queries attend to most ("hot" tokens) are laid out in their own pages first,
-by the same balanced tree: queries are not keys, and the prompt's own queries say which tokens the
-answer will need (see shared FINDINGS).
+Tokens the prefill's last queries attend to most ("hot" tokens) are laid out first, in tiers of growing
+size (8, 24, 72 pages by default: the hottest tokens pack tightest), and within a tier by the same
+balanced 2-means over their *attention profile* (the square root of the attention probability each
+prefill query gives them) rather than their keys: queries are not keys, and tokens the same queries
+attend to are the ones a decode step needs together (see shared FINDINGS; the profile layout added
++0.02 recall at 4k over key clustering of the same tiers, benchmarks/RESULTS.md). The remaining tokens
+are clustered by key.
 
 Search scores every leaf centroid against the group's queries (at these page counts one matmul over the
 leaves is cheaper than a descent, and FINDINGS showed loose bounds rank badly), keeps
@@ -45,22 +49,35 @@ class TreeIndex(TokenIndex):
     """Balanced 2-means tree over augmented keys; leaves are full pages; hot pages from prefill queries.
 
     Options:
-        hot_pages: pages reserved for the tokens the prefill's last queries attend to most (0 disables;
-            capped at a quarter of the pages). Default 8.
-        candidate_factor: search rescans `candidate_factor x max_pages` (at least `min_candidates`, default
-            16) best-centroid pages exactly. Default 4: on the 16-question task suite it keeps every answer
+        hot_pages: pages of the first (hottest) tier of tokens the prefill's last queries attend to most
+            (0 disables hot tiers). Default 8.
+        hot_tiers: number of hot tiers, each `hot_growth` times the previous one's pages (default 3 and 3:
+            8, 24, 72 pages); all hot tiers together hold at most `max_hot_share` (default 0.4) of the pages.
+        candidate_factor: search rescans `candidate_factor x max_pages` (at least `min_candidates`)
+            best-centroid pages exactly. Default 4: on the 16-question task suite it keeps every answer
             full KV gives at budget 256 (0.75 with 2 and 8; 8 and 32 gain nothing more); see
             benchmarks/RESULTS.md.
+        min_candidates: default 64. A needle's page often has an unremarkable centroid: at budget 64
+            (one retrieved page) 16 candidates kept 3 of the 8 task answers full KV gives, 48 or 64 kept 6,
+            rescoring every page 7. From budget 256 up `candidate_factor` already asks for more.
         norm_headroom: `M` = this x the largest key norm at build; later keys beyond it clamp. Default 1.2.
     """
 
     uses_build_queries = True
 
     def __init__(self, head_dim: int, page_size: int = 16, hot_pages: int = 8, candidate_factor: int = 4,
-                 norm_headroom: float = 1.2, min_candidates: int = 16) -> None:
+                 norm_headroom: float = 1.2, min_candidates: int = 64, hot_tiers: int = 3, hot_growth: int = 3,
+                 max_hot_share: float = 0.4) -> None:
         super().__init__(head_dim, page_size)
         if not isinstance(hot_pages, int) or hot_pages < 0:
             raise ValueError(f"hot_pages must be a non-negative int, got {hot_pages!r}")
+        if not isinstance(hot_tiers, int) or hot_tiers < 1:
+            raise ValueError(f"hot_tiers must be an int >= 1, got {hot_tiers!r}")
+        if not isinstance(hot_growth, int) or hot_growth < 1:
+            raise ValueError(f"hot_growth must be an int >= 1, got {hot_growth!r}")
+        if not 0.0 <= max_hot_share <= 1.0:
+            raise ValueError(f"max_hot_share must be in [0, 1], got {max_hot_share!r}")
+        self.hot_tiers, self.hot_growth, self.max_hot_share = hot_tiers, hot_growth, max_hot_share
         if not isinstance(candidate_factor, int) or candidate_factor < 1:
             raise ValueError(f"candidate_factor must be an int >= 1, got {candidate_factor!r}")
         if not norm_headroom >= 1.0:
@@ -83,24 +100,40 @@ class TreeIndex(TokenIndex):
         self._sums = torch.zeros(kv_heads, cap, d + 1)
         self._cent = torch.zeros(kv_heads, cap, d)
         self._pages = np.zeros(kv_heads, dtype=np.int64)
-        hot = self._hot_tokens(keys, queries)
         for h in range(kv_heads):
-            rest = torch.ones(n, dtype=torch.bool)
-            groups = []
-            if hot is not None:
-                rest[hot[h]] = False
-                groups.append(hot[h])
-            groups.append(rest.nonzero().flatten())
-            for tokens in groups:  # hot tokens, then the rest, each group from a fresh page
-                self._append_pages(h, tokens[balanced_pages(self.aug.view[h, tokens], self.page_size)])
+            for tokens, features in self._layout_groups(h, keys[h], queries):
+                self._append_pages(h, tokens[balanced_pages(features, self.page_size)])
 
-    def _hot_tokens(self, keys: torch.Tensor, queries: torch.Tensor | None) -> torch.Tensor | None:
-        """`[kv_heads, hot]` token positions most attended by the prefill queries, or None."""
-        hot_pages = min(self.hot_pages, (keys.shape[1] // self.page_size) // 4)
-        if queries is None or hot_pages == 0:
-            return None
-        logits = torch.einsum("hmd,hnd->hmn", queries.detach().float().cpu(), keys) * self.scale
-        return torch.topk(torch.softmax(logits, dim=-1).sum(1), hot_pages * self.page_size, dim=1).indices
+    def _hot_tier_pages(self, pages: int) -> list[int]:
+        """Pages of each hot tier, hottest first, within `max_hot_share` of `pages`."""
+        tiers, left, size = [], int(pages * self.max_hot_share), self.hot_pages
+        for _ in range(self.hot_tiers):
+            take = min(size, left)
+            if take <= 0:
+                break
+            tiers.append(take)
+            left, size = left - take, size * self.hot_growth
+        return tiers
+
+    def _layout_groups(self, h: int, keys: torch.Tensor, queries: torch.Tensor | None):
+        """`(tokens [t], features [t, f])` groups of KV head `h`, each laid out from a fresh page: the
+        hot tiers by attention profile, then the rest by augmented key."""
+        n = keys.shape[0]
+        tiers = self._hot_tier_pages(n // self.page_size) if queries is not None else []
+        if not tiers:
+            return [(torch.arange(n), self.aug.view[h, :n])]
+        logits = queries[h].detach().float().cpu() @ keys.T * self.scale  # [m, n]
+        profile = torch.softmax(logits, dim=-1).sqrt()  # sqrt: profiles compare by Hellinger distance
+        order = torch.argsort(profile.pow(2).sum(0), descending=True)  # hottest first
+        groups, start = [], 0
+        for pages in tiers:
+            tokens = order[start : start + pages * self.page_size]
+            groups.append((tokens, profile[:, tokens].T.contiguous()))
+            start += tokens.numel()
+        rest = order[start:].sort().values
+        if rest.numel():
+            groups.append((rest, self.aug.view[h, rest]))
+        return groups
 
     def _append_pages(self, h: int, tokens: torch.Tensor) -> None:
         ps, count = self.page_size, -(-tokens.numel() // self.page_size)

@@ -23,7 +23,7 @@ from .budget import Budget
 from .tiers import BulkLoader, DeviceTier, HostTier, TransferStats
 
 #: prefill queries handed to indexes that learn their layout from them (last positions of the prompt)
-BUILD_QUERY_POSITIONS = 32
+BUILD_QUERY_POSITIONS = 64
 
 AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
