@@ -70,6 +70,38 @@ def test_cached_pages_are_not_moved_again():
     assert layer.stats.bytes_moved == layer.stats.pages_loaded * 2 * 4 * 16 * 4
 
 
+@pytest.mark.parametrize("name", ["exact", "tree"])
+def test_followers_prefetch_the_leaders_pages_with_the_same_result(name):
+    # layer reuse: a follower loads the leader's pages right after the leader's attention (prefetch); its
+    # output must equal a follower that loads them only when its own turn comes
+    g = torch.Generator().manual_seed(1)
+    kv, d, n, prefill = 2, 16, 160, 120
+    budget = Budget(44, 4, 4, 8)
+    index = icecache.get_index(name, head_dim=d, page_size=4)
+    layers = [SparseLayer(index, budget, kv, d, torch.float32, torch.device("cpu"))]
+    layers += [SparseLayer(index, budget, kv, d, torch.float32, torch.device("cpu"), leader=layers[0])
+               for _ in range(2)]
+    layers[2].prefetch = lambda page_ids: None  # the reference follower: no prefetch
+    data = [(torch.randn(kv, n, d, generator=g), torch.randn(kv, n, d, generator=g)) for _ in range(2)]
+    data.append(data[1])  # both followers hold the same K/V
+    q = torch.randn(n - prefill + 1, 2 * kv, d, generator=g)
+    for layer, (k, v) in zip(layers, data):
+        layer.store(k[:, :prefill], v[:, :prefill])
+        layer.admit(q[:1].view(kv, -1, d))
+    for t in range(prefill, n):
+        outs = []
+        for i, (layer, (k, v)) in enumerate(zip(layers, data)):
+            layer.store(k[:, t : t + 1], v[:, t : t + 1])
+            moved = layer.stats.bytes_moved
+            outs.append(layer.decode(q[t - prefill + 1]))
+            if i == 1:
+                assert layer.stats.bytes_moved == moved  # everything arrived by prefetch
+        assert torch.equal(outs[1], outs[2])
+        assert not torch.equal(outs[0], outs[1])
+    assert layers[1].stats.pages_loaded == layers[2].stats.pages_loaded > 0
+    assert layers[1].stats.hit_rate == pytest.approx(layers[2].stats.hit_rate)
+
+
 def test_budget_rule_errors_name_the_argument():
     with pytest.raises(ValueError, match="budget=40 is smaller than sink \\+ window"):
         Budget(40, 16, 16, 32)

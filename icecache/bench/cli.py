@@ -61,17 +61,38 @@ def _tasks(args: argparse.Namespace) -> int:
 
 
 def _latency(args: argparse.Namespace) -> int:
+    import torch
+
+    from .common import random_model
     from .latency import format_latency, plot_latency, run_latency
 
     start = time.perf_counter()
     model, tokenizer = _load_model(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    if args.model == "embedded":
+        model = model.to(device=device, dtype=dtype)
+    else:  # random weights of a bigger shape, for timing; the embedded tokenizer still makes the prompt
+        model = random_model(args.model.removeprefix("random-"), device, dtype)
     result = run_latency(model, tokenizer, contexts=args.contexts, indexes=args.indexes, budget=args.budget,
                          steps=args.steps, runtime_options={"select_every": args.select_every})
+    result["settings"].update(model=args.model, dtype=args.dtype)
     return _finish(args, "latency", result, start, format_latency(result), plot_latency)
 
 
+def _kernel(args: argparse.Namespace) -> int:
+    import torch
+
+    from .kernel import format_kernel, run_kernel
+
+    start = time.perf_counter()
+    result = run_kernel(contexts=args.contexts, budgets=args.budgets, dtype=getattr(torch, args.dtype),
+                        device=args.device, repeats=args.repeats)
+    return _finish(args, "kernel", result, start, format_kernel(result))
+
+
 def add_bench_commands(sub: argparse._SubParsersAction) -> None:
-    bench = sub.add_parser("bench", help="benchmarks: recall, tasks, latency")
+    bench = sub.add_parser("bench", help="benchmarks: recall, tasks, latency, kernel")
     kinds = bench.add_subparsers(dest="bench", required=True)
 
     recall = kinds.add_parser("recall", help="retrieval recall of every index on real attention")
@@ -104,5 +125,18 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     latency.add_argument("--steps", type=int, default=16)
     latency.add_argument("--select-every", type=int, default=1,
                          help="layers sharing one page selection (IceCache(r) layer reuse)")
+    latency.add_argument("--model", default="embedded", choices=["embedded", "random-smollm2-135m", "random-llama-8b"],
+                         help="the embedded model, or random weights of a named shape (timing only)")
+    latency.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    latency.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     latency.add_argument("--out", default="results")
     latency.set_defaults(run=_latency)
+
+    kernel = kinds.add_parser("kernel", help="decode attention kernel vs SDPA and dense; bandwidth")
+    kernel.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
+    kernel.add_argument("--budgets", type=int, nargs="+", default=[256, 1024, 4096])
+    kernel.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    kernel.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    kernel.add_argument("--repeats", type=int, default=50)
+    kernel.add_argument("--out", default="results")
+    kernel.set_defaults(run=_kernel)

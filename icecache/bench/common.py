@@ -55,3 +55,27 @@ def prompt_ids(tokenizer, tokens: int, prose: str | None = None, offset: int = 0
     if ids.shape[1] < tokens:
         raise ValueError(f"the prose holds only {ids.shape[1]} tokens; need {tokens}")
     return ids[:, :tokens]
+
+
+#: model shapes for timing with random weights (Llama architecture); accuracy needs the embedded model
+RANDOM_SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0),
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+}
+
+
+def random_model(shape: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 layers: int | None = None):
+    """A Llama model of a named shape (`RANDOM_SHAPES`) with random weights, for timing only."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if shape not in RANDOM_SHAPES:
+        raise ValueError(f"shape must be one of {sorted(RANDOM_SHAPES)}, got {shape!r}")
+    config = LlamaConfig(**{**RANDOM_SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})},
+                         max_position_embeddings=131072, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+    return model.eval()

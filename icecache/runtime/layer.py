@@ -7,6 +7,8 @@
                  -> page table: page ids -> token positions
                  -> bulk load: only pages not already on the device move, through one staging buffer
                  -> gather attention over sink + window + selected pages
+                 -> with layer reuse, a leader then prefetches its followers' pages: their copies run on
+                    the side stream while the GPU computes this layer and the next ones
 """
 
 from __future__ import annotations
@@ -117,16 +119,35 @@ class SparseLayer:
         page_ids = self.select_pages(group_queries)
         searched = self._clock()
         self.load_pages(page_ids)
+        self.loader.wait()  # the compute stream waits for this layer's copies (prefetched or not)
         loaded = self._clock()
         out = self.kernel(query, self.tier.k, self.tier.v, self.tier.attention_mask(),
                           scale if scale is not None else 1.0 / math.sqrt(self.head_dim))
         done = self._clock()
+        for follower in self.followers:
+            follower.prefetch(page_ids)
 
         self.stats.steps += 1
         self.stats.seconds["search"] += searched - clock
         self.stats.seconds["transfer"] += loaded - searched
         self.stats.seconds["attention"] += done - loaded
         return out
+
+    def prefetch(self, page_ids: torch.Tensor) -> None:
+        """Follower only: start loading the leader's page choice for this step before this layer runs.
+
+        Issued right after the leader's attention, so on CUDA the copies overlap the leader's remaining
+        compute and the layers between; `decode` then finds the pages resident. Skipped when a page could
+        hold a token this layer has not stored yet (a window of 0)."""
+        if self.budget.window == 0:
+            return
+        start = self._clock()
+        for changed in self._stale_pages:  # apply the leader's index changes first, as `admit` would
+            self.tier.invalidate(changed)
+        self._stale_pages.clear()
+        self.tier.grow_retrieval_slots(self.leader.tier.retrieval_slots)
+        self._load_missing(page_ids)
+        self.stats.seconds["transfer"] += self._clock() - start
 
     def select_pages(self, group_queries: torch.Tensor) -> torch.Tensor:
         """Page ids `[kv_heads, n]` (-1 padded) to attend besides sink and window."""
@@ -144,6 +165,10 @@ class SparseLayer:
 
     def load_pages(self, page_ids: torch.Tensor) -> None:
         """Make the selected pages resident in device slots, moving only those not already there."""
+        self._load_missing(page_ids)
+        self.stats.pages_selected += int((page_ids >= 0).sum())
+
+    def _load_missing(self, page_ids: torch.Tensor) -> None:
         miss, slot = self.tier.assign(page_ids.to(self.tier.slot_page.device))
         heads, rank = miss.nonzero(as_tuple=True)
         missing_pages = page_ids.to(miss.device)[heads, rank]
@@ -153,7 +178,6 @@ class SparseLayer:
         self.stats.bytes_moved += self.loader.load(self.host, self.tier, heads, slot[heads, rank], positions)
         self.tier.slot_page[heads, slot[heads, rank]] = missing_pages
         self.stats.pages_loaded += int(heads.numel())
-        self.stats.pages_selected += int((page_ids >= 0).sum())
 
     def resident_nbytes(self) -> int:
         """Bytes of K/V this layer holds on the device tier."""

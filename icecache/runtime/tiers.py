@@ -158,13 +158,18 @@ class TransferStats:
 class BulkLoader:
     """Gathers missing pages from the host tier into one contiguous staging buffer `[2, pages, page_size,
     head_dim]` (K then V), copies it to the device in one non-blocking transfer and scatters it into the
-    assigned device slots."""
+    assigned device slots.
+
+    On CUDA the copy and the scatter run on a side stream; the compute stream waits for them only in
+    `wait()`, called right before the attention that reads the slots, so a load issued early (a layer-reuse
+    prefetch) overlaps whatever the GPU computes meanwhile."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.staging: torch.Tensor | None = None
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.copied = torch.cuda.Event() if device.type == "cuda" else None
+        self.pending = False  # a side-stream load the compute stream has not waited for yet
 
     def load(self, host: HostTier, tier: DeviceTier, heads: torch.Tensor, slots: torch.Tensor,
              positions: torch.Tensor) -> int:
@@ -185,16 +190,30 @@ class BulkLoader:
         staged = self.staging[:, :m]
         staged[0] = host.k[heads_h.unsqueeze(1), gather]
         staged[1] = host.v[heads_h.unsqueeze(1), gather]
-        if self.stream is not None:
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.stream):
-                on_device = staged.to(self.device, non_blocking=True)
-                self.copied.record(self.stream)
-            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        if self.stream is None:
+            self._scatter(tier, staged.to(self.device), heads, slots, positions)
         else:
-            on_device = staged.to(self.device)
-        heads_d, slots_d = heads.to(self.device), slots.to(self.device) + tier.resident_pages
+            # the side stream must not overwrite slots the compute stream may still be reading
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            for t in (heads, slots):  # made on the compute stream, read on the side stream
+                if t.is_cuda:
+                    t.record_stream(self.stream)
+            with torch.cuda.stream(self.stream):
+                self._scatter(tier, staged.to(self.device, non_blocking=True), heads, slots, positions)
+                self.copied.record(self.stream)
+            self.pending = True
+        return staged.numel() * staged.element_size()
+
+    def _scatter(self, tier: DeviceTier, on_device: torch.Tensor, heads: torch.Tensor, slots: torch.Tensor,
+                 positions: torch.Tensor) -> None:
+        heads_d = heads.to(self.device, non_blocking=True)
+        slots_d = slots.to(self.device, non_blocking=True) + tier.resident_pages
         tier.k[heads_d, slots_d] = on_device[0]
         tier.v[heads_d, slots_d] = on_device[1]
-        tier.filled[heads_d, slots_d] = positions.to(self.device) >= 0
-        return staged.numel() * staged.element_size()
+        tier.filled[heads_d, slots_d] = positions.to(self.device, non_blocking=True) >= 0
+
+    def wait(self) -> None:
+        """Make the compute stream wait for the loads issued so far (no host sync; no-op on CPU)."""
+        if self.pending:
+            torch.cuda.current_stream(self.device).wait_event(self.copied)
+            self.pending = False

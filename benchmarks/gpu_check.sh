@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Every GPU measurement of the kernel issue in one run (about 10 minutes on an H100/H200).
+# Needs an environment with icecache installed (./scripts/setup.sh, or PYTHON=... pointing at one).
+# Writes JSON tables under benchmarks/gpu/ (or $OUT when set, e.g. on the device machine).
+set -euo pipefail
+PY=${PYTHON:-.venv/bin/python}
+OUT_DIR=${OUT:-benchmarks/gpu}
+mkdir -p "$OUT_DIR"
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT_DIR/device.txt"
+# 1) the kernel tests natively (same tests as the CPU interpreter runs)
+"$PY" -m pytest -q tests/test_kernel.py | tee "$OUT_DIR/test_kernel.txt"
+# 2) kernel vs SDPA over the same gathered tokens vs dense decode; bandwidth vs copy bandwidth
+"$PY" -m icecache bench kernel --out "$OUT_DIR" | tee "$OUT_DIR/kernel.txt"
+# 3) decode time per token vs context, full KV beside IceCache, Llama-8B shape with random weights
+"$PY" -m icecache bench latency --model random-llama-8b --dtype bfloat16 --contexts 4096 16384 32768 \
+    --indexes tree exact --budget 256 --steps 8 --out "$OUT_DIR/llama8b" | tee "$OUT_DIR/latency_llama8b.txt"
+# 4) the same with layer reuse (prefetched follower pages)
+"$PY" -m icecache bench latency --model random-llama-8b --dtype bfloat16 --contexts 16384 32768 \
+    --indexes tree --budget 256 --steps 8 --select-every 3 --out "$OUT_DIR/llama8b_reuse3" \
+    | tee "$OUT_DIR/latency_llama8b_reuse3.txt"
