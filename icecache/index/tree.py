@@ -194,10 +194,11 @@ class TreeIndex(TokenIndex):
         n_cand = min(pages, max(max_pages * self.candidate_factor, self.min_candidates))
         cand = torch.topk(score, n_cand, dim=1).indices  # [kv, C]
         # 2) rescore the candidates' tokens exactly: attention mass per candidate page
-        positions = table.gather(1, cand.unsqueeze(-1).expand(-1, -1, ps)).view(kv_heads, -1)  # [kv, C*ps]
-        keys = self.aug.view[..., : self.head_dim]
-        cand_keys = keys.gather(1, positions.clamp(min=0).unsqueeze(-1).expand(-1, -1, self.head_dim))
-        logits = torch.einsum("hgd,hnd->hgn", q, cand_keys) * self.scale
+        heads = torch.arange(kv_heads).unsqueeze(1)
+        positions = table[heads, cand].view(kv_heads, -1)  # [kv, C*ps]; indexing beats gather on CPU here
+        # whole augmented rows (contiguous) against `[q, 0]`: the same inner products as with the keys alone
+        cand_keys = self.aug.view[heads, positions.clamp(min=0)]  # [kv, C*ps, d + 1]
+        logits = torch.einsum("hgd,hnd->hgn", torch.nn.functional.pad(q, (0, 1)), cand_keys) * self.scale
         logits = logits.masked_fill((positions < 0).unsqueeze(1), float("-inf"))
         mass = torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(1).view(kv_heads, n_cand, ps).sum(-1)
         mass = mass.masked_fill(score.gather(1, cand) == float("-inf"), -1.0)  # empty pages last
