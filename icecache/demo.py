@@ -6,11 +6,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import torch
 from tqdm.auto import tqdm
 
 from .index import available_indexes
-from .runtime import IceRuntime, full_kv_copy
+from .runtime import IceRuntime, full_kv_copy, generate_after_prefill, shared_prefill
 from .tasks import TaskBuilder
 
 
@@ -47,10 +46,8 @@ def run_demo(samples: int = 6, context_tokens: int = 4096, budgets=(64, 128, 256
     for i in range(samples):
         task = builder.passkey(seed=seed + i, context_tokens=context_tokens, depth=(i + 0.5) / samples)
         ids = tokenizer(task.prompt, return_tensors="pt").input_ids
-        # one dense prefill of all but the last prompt token, shared by every runtime below
-        base = IceRuntime(index="window", budget=max(budgets)).new_cache(model)
-        with torch.no_grad():
-            model(ids[:, :-1], cache=base, logits_to_keep=1)
+        # one dense prefill, shared by every runtime below; it decides the first answer token, as in generate
+        base, first = shared_prefill(model, ids, max(budgets))
         donors = {}  # one index build per (question, index), copied for every budget
         for (name, b), row in rows.items():
             if name == "full KV":
@@ -60,10 +57,9 @@ def run_demo(samples: int = 6, context_tokens: int = 4096, budgets=(64, 128, 256
                     donors[name] = IceRuntime(index=name, budget=max(budgets)).new_cache(model, prefill=base)
                 cache = IceRuntime(index=name, budget=int(b)).new_cache(model, prefill=donors[name])
             start = time.perf_counter()
-            out = model.generate(ids, cache=cache, max_new_tokens=max_new_tokens, do_sample=False)
+            generated = generate_after_prefill(model, cache, ids, first, max_new_tokens)[0]
             row.seconds += time.perf_counter() - start
-            generated = out[0, ids.shape[1]:]
-            row.new_tokens += generated.numel()
+            row.new_tokens += max(generated.numel() - 1, 0)  # decoded; the first came from the prefill
             row.correct += task.score(tokenizer.decode(generated, skip_special_tokens=True))
             row.total += 1
             if name == "full KV":

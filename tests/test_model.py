@@ -35,6 +35,20 @@ def test_generate_with_budget_covering_everything_equals_full_kv(smollm, prompt_
     assert report.page_fill > 0.8
 
 
+def test_shared_prefill_continues_exactly_like_generate(smollm, prompt_ids, full_kv_tokens):
+    # the benchmarks' and demo's path (one dense prefill, many runtimes) gives what generate gives
+    from icecache.runtime import generate_after_prefill, shared_prefill
+
+    model, _ = smollm
+    expected = full_kv_tokens[:, prompt_ids.shape[1]:]
+    base, first = shared_prefill(model, prompt_ids)
+    full = generate_after_prefill(model, full_kv_copy(base), prompt_ids, first, expected.shape[1])
+    runtime = icecache.IceRuntime(index="tree", budget=prompt_ids.shape[1] + 12)
+    sparse = generate_after_prefill(model, runtime.new_cache(model, prefill=base), prompt_ids, first,
+                                    expected.shape[1])
+    assert torch.equal(full, expected) and torch.equal(sparse, expected)
+
+
 def test_small_budget_decodes_and_keeps_device_tier_small(smollm, prompt_ids):
     model, _ = smollm
     runtime = icecache.IceRuntime(index="exact", budget=64)

@@ -2,7 +2,8 @@
 
 Tasks (pass key, multi-key needle, multi-value, variable tracking) are generated offline from prose at
 several context lengths and needle depths with fixed seeds. One dense prefill per task is shared by every
-runtime (`IceRuntime.new_cache(prefill=...)`), so rows differ only in decode-time retrieval. Answers are
+runtime (`shared_prefill`, then `IceRuntime.new_cache(prefill=...)`); as in `model.generate`, that dense
+prefill also decides the first answer token, so rows differ only in decode-time retrieval. Answers are
 greedy and scored by exact match (every expected value must appear in the output).
 """
 
@@ -10,11 +11,10 @@ from __future__ import annotations
 
 import time
 
-import torch
 from tqdm.auto import tqdm
 
 from ..index import available_indexes
-from ..runtime import IceRuntime, full_kv_copy
+from ..runtime import IceRuntime, full_kv_copy, generate_after_prefill, shared_prefill
 from ..tasks import TASK_KINDS, TaskBuilder
 from .common import environment, table
 
@@ -39,9 +39,7 @@ def run_tasks(model, tokenizer, kinds=TASK_KINDS, contexts=(2048, 4096), depths=
     bar = tqdm(total=len(tasks) * len(configs), desc="tasks", unit="run")
     for task in tasks:
         ids = tokenizer(task.prompt, return_tensors="pt").input_ids
-        base = IceRuntime(index="window", budget=max(budgets)).new_cache(model)
-        with torch.no_grad():
-            model(ids[:, :-1], cache=base, logits_to_keep=1)
+        base, first = shared_prefill(model, ids, max(budgets))  # dense, as generate's own prefill
         donors = {}  # one index build per (task, index), copied for every budget
         for name, budget in configs:
             start = time.perf_counter()
@@ -53,8 +51,8 @@ def run_tasks(model, tokenizer, kinds=TASK_KINDS, contexts=(2048, 4096), depths=
                         model, prefill=base)
                 cache = full_kv_copy(base) if name == FULL else IceRuntime(
                     index=name, budget=budget, **runtime_options).new_cache(model, prefill=donors[name])
-                out = model.generate(ids, cache=cache, max_new_tokens=NEW_TOKENS[task.kind], do_sample=False)
-                text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+                out = generate_after_prefill(model, cache, ids, first, NEW_TOKENS[task.kind])
+                text = tokenizer.decode(out[0], skip_special_tokens=True)
             records.append({"method": name, "budget": budget, "kind": task.kind, "context": task.context_tokens,
                             "prompt_tokens": ids.shape[1], "depth": task.depth, "correct": task.score(text),
                             "answers": task.answers, "output": text, "seconds": time.perf_counter() - start})

@@ -150,3 +150,29 @@ class IceRuntime:
         return (f"IceRuntime(index={self.index_name!r}, budget={b.tokens}, page_size={b.page_size}, "
                 f"sink={b.sink}, window={b.window}, dense_layers={self.dense_layers}, "
                 f"select_every={self.select_every})")
+
+
+@torch.no_grad()
+def shared_prefill(model, input_ids: torch.Tensor, budget: int = 256) -> tuple[IceCache, torch.Tensor]:
+    """One dense prefill of `input_ids` `[1, n]` to seed many runtimes (`new_cache(prefill=...)`) and
+    full-KV copies (`full_kv_copy`) with the same prompt.
+
+    Returns the prefilled cache and the greedy first new token `[1, 1]`, decided by the prefill's own dense
+    logits, exactly as `model.generate` on a fresh cache decides it. Continue with `generate_after_prefill`.
+    """
+    base = IceRuntime(index="window", budget=budget).new_cache(model)
+    logits = model(input_ids, cache=base, logits_to_keep=1).logits
+    return base, logits[:, -1:].argmax(-1)
+
+
+@torch.no_grad()
+def generate_after_prefill(model, cache: Cache, input_ids: torch.Tensor, first_token: torch.Tensor,
+                           max_new_tokens: int) -> torch.Tensor:
+    """Greedy tokens `[1, max_new_tokens]` (starting with `first_token`) after a prompt whose prefill
+    `cache` already holds (a cache seeded from `shared_prefill`): the same tokens `model.generate` gives
+    from scratch with that cache's runtime."""
+    if max_new_tokens <= 1:
+        return first_token[:, :max_new_tokens]
+    ids = torch.cat([input_ids, first_token.to(input_ids.device)], dim=1)
+    out = model.generate(ids, cache=cache, max_new_tokens=max_new_tokens - 1, do_sample=False)
+    return out[:, input_ids.shape[1]:]
