@@ -48,7 +48,8 @@ def _tasks(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model, tokenizer = _load_model(args)
     result = run_tasks(model, tokenizer, kinds=args.kinds, contexts=args.contexts, depths=args.depths,
-                       budgets=args.budgets, indexes=args.indexes, seed=args.seed, prose=_read_prose(args.prose))
+                       budgets=args.budgets, indexes=args.indexes, seed=args.seed, prose=_read_prose(args.prose),
+                       runtime_options={"select_every": args.select_every})
     peers = Path(args.out) / "tasks_peers.json"
     if peers.is_file():  # rows written by benchmarks/kvpress_peer.py in its own environment
         import json
@@ -115,6 +116,8 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     tasks.add_argument("--indexes", nargs="+", default=None)
     tasks.add_argument("--seed", type=int, default=0)
     tasks.add_argument("--prose", default=None, help="a text file to use instead of pydoc_data prose")
+    tasks.add_argument("--select-every", type=int, default=1,
+                       help="layers sharing one page selection (IceCache(r) layer reuse)")
     tasks.add_argument("--out", default="results")
     tasks.set_defaults(run=_tasks)
 
