@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..index import available_indexes
-from ..runtime import IceRuntime, full_kv_copy
+from ..runtime import IceRuntime, full_kv_copy, shared_prefill
 from .common import environment, prompt_ids, table
 
 FULL = "full KV"
@@ -68,10 +68,8 @@ def run_latency(model, tokenizer, contexts=(1024, 2048, 4096, 8192), indexes=Non
     bar = tqdm(total=len(contexts) * (len(indexes) + 1), desc="latency", unit="run")
     for context in contexts:
         ids = prompt_ids(tokenizer, context, prose).to(device)
-        base = IceRuntime(index="window", budget=budget).new_cache(model)
-        with torch.no_grad():
-            model(ids[:, :-1], cache=base, logits_to_keep=1)
-        full_step = _time_decode(model, full_kv_copy(base), ids[:, -1:], steps, warmup)
+        base, first = shared_prefill(model, ids, budget)
+        full_step = _time_decode(model, full_kv_copy(base), first, steps, warmup)
         full_bytes = sum(l.keys.numel() * l.keys.element_size() * 2 for l in full_kv_copy(base).layers)
         probe = base.sparse_layers[0]  # one sparse layer's real keys and prefill queries
         probe_keys = probe.host.keys(0, probe.num_tokens)
@@ -82,7 +80,7 @@ def run_latency(model, tokenizer, contexts=(1024, 2048, 4096, 8192), indexes=Non
         for name in indexes:
             runtime = IceRuntime(index=name, budget=budget, profile=True, **runtime_options)
             cache = runtime.new_cache(model, prefill=base)
-            step = _time_decode(model, cache, ids[:, -1:], steps, warmup)
+            step = _time_decode(model, cache, first, steps, warmup)
             report = runtime.report(cache)
             done = report.transfers.steps or 1
             layers = sum(1 for _ in cache.sparse_layers) or 1

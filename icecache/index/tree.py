@@ -123,8 +123,9 @@ class TreeIndex(TokenIndex):
         if not tiers:
             return [(torch.arange(n), self.aug.view[h, :n])]
         logits = queries[h].detach().float().cpu() @ keys.T * self.scale  # [m, n]
-        profile = torch.softmax(logits, dim=-1).sqrt()  # sqrt: profiles compare by Hellinger distance
-        order = torch.argsort(profile.pow(2).sum(0), descending=True)  # hottest first
+        probs = torch.softmax(logits, dim=-1)
+        profile = probs.sqrt()  # sqrt: profiles compare by Hellinger distance
+        order = torch.argsort(probs.sum(0), descending=True)  # hottest first
         groups, start = [], 0
         for pages in tiers:
             tokens = order[start : start + pages * self.page_size]
@@ -192,7 +193,8 @@ class TreeIndex(TokenIndex):
         score = torch.einsum("hgd,hpd->hgp", q, self.centroids()).amax(1)
         score = score.masked_fill(self._fill[:, :pages] == 0, float("-inf"))
         n_cand = min(pages, max(max_pages * self.candidate_factor, self.min_candidates))
-        cand = torch.topk(score, n_cand, dim=1).indices  # [kv, C]
+        top = torch.topk(score, n_cand, dim=1)
+        cand = top.indices  # [kv, C]
         # 2) rescore the candidates' tokens exactly: attention mass per candidate page
         heads = torch.arange(kv_heads).unsqueeze(1)
         positions = table[heads, cand].view(kv_heads, -1)  # [kv, C*ps]; indexing beats gather on CPU here
@@ -201,7 +203,7 @@ class TreeIndex(TokenIndex):
         logits = torch.einsum("hgd,hnd->hgn", torch.nn.functional.pad(q, (0, 1)), cand_keys) * self.scale
         logits = logits.masked_fill((positions < 0).unsqueeze(1), float("-inf"))
         mass = torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(1).view(kv_heads, n_cand, ps).sum(-1)
-        mass = mass.masked_fill(score.gather(1, cand) == float("-inf"), -1.0)  # empty pages last
+        mass = mass.masked_fill(top.values == float("-inf"), -1.0)  # empty pages last
         best = torch.topk(mass, min(max_pages, n_cand), dim=1).indices
         self._last_rescored = n_cand * ps
         return cand.gather(1, best).to(queries.device)

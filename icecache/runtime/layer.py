@@ -89,9 +89,7 @@ class SparseLayer:
             self.tier.write_resident(range(start, end), self.host.k[:, start:end], self.host.v[:, start:end])
         indexed_end = max(sink, n - window)
         if self.leader is not None:  # the leader keeps the shared index; apply what changed in it
-            for changed in self._stale_pages:
-                self.tier.invalidate(changed)
-            self._stale_pages.clear()
+            self._apply_leader_changes()
         elif self.index.kv_heads is None:
             self.prefill_queries = prefill_queries
             self.index.build(self.host.keys(sink, indexed_end), prefill_queries)
@@ -142,12 +140,16 @@ class SparseLayer:
         if self.budget.window == 0:
             return
         start = self._clock()
-        for changed in self._stale_pages:  # apply the leader's index changes first, as `admit` would
-            self.tier.invalidate(changed)
-        self._stale_pages.clear()
+        self._apply_leader_changes()  # before loading: a changed page must not be taken as resident
         self.tier.grow_retrieval_slots(self.leader.tier.retrieval_slots)
         self._load_missing(page_ids)
         self.stats.seconds["transfer"] += self._clock() - start
+
+    def _apply_leader_changes(self) -> None:
+        """Follower: forget device copies of pages the leader's index changed since last applied."""
+        for changed in self._stale_pages:
+            self.tier.invalidate(changed)
+        self._stale_pages.clear()
 
     def select_pages(self, group_queries: torch.Tensor) -> torch.Tensor:
         """Page ids `[kv_heads, n]` (-1 padded) to attend besides sink and window."""
