@@ -1,5 +1,6 @@
 """The tree index: semantic layout, full pages, consistent centroids after inserts, hot pages."""
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -44,6 +45,9 @@ def test_centroids_stay_exact_and_pages_stay_full_enough(seed, n, inserts):
             members = table[h, p][table[h, p] >= 0]
             if members.numel():
                 assert torch.allclose(cents[h, p], keys[h, members].mean(0), atol=1e-4)
+            # each page's stored keys are its members' keys, slot by slot
+            slots = table[h, p] >= 0
+            assert torch.equal(index._page_keys[h, p, slots, :8], keys[h, table[h, p][slots]])
     if pos >= 8:
         # build fills pages; a split leaves two halves, so fill never drops below one half
         assert index.page_fill() >= 0.5
@@ -101,3 +105,43 @@ def test_tree_finds_the_planted_key():
     table = index.page_table
     for h in range(2):
         assert 321 in table[h, pages[h]].flatten().tolist()
+
+
+def reference_masses(index, queries: torch.Tensor, max_pages: int) -> list[dict[int, float]]:
+    """The tree's search written as plain torch ops: per head, the attention mass of every candidate page
+    (centroid ranking, then an exact softmax over the candidates' tokens per query head)."""
+    table, n_pages = index.page_table, index.num_pages
+    n_cand = min(n_pages, max(max_pages * index.candidate_factor, index.min_candidates))
+    out = []
+    for h in range(index.kv_heads):
+        score = (queries[h] @ index.centroids()[h].T).amax(0)
+        score = score.masked_fill(index._fill[h, :n_pages] == 0, float("-inf"))
+        cand = torch.topk(score, n_cand).indices
+        pos = table[h, cand].flatten()
+        keys = index._page_keys[h, cand, :, : index.head_dim].reshape(-1, index.head_dim)
+        logits = (queries[h] @ keys.T) * index.scale
+        probs = torch.softmax(logits.masked_fill(pos < 0, float("-inf")), -1)
+        mass = probs.sum(0).view(n_cand, -1).sum(-1)
+        out.append(dict(zip(cand.tolist(), mass.tolist())))
+    return out
+
+
+@given(seed=st.integers(0, 1000), n=st.integers(1, 400), inserts=st.lists(st.integers(1, 30), max_size=4),
+       max_pages=st.integers(1, 12), group=st.integers(1, 4))
+def test_compiled_search_matches_the_torch_reference(seed, n, inserts, max_pages, group):
+    g = torch.Generator().manual_seed(seed)
+    index = icecache.get_index("tree", head_dim=8, page_size=4, min_candidates=3, candidate_factor=2)
+    index.build(torch.randn(2, n, 8, generator=g), torch.randn(2, 5, 8, generator=g))
+    for m in inserts:
+        index.insert(torch.randn(2, m, 8, generator=g))
+    queries = torch.randn(2, group, 8, generator=g)
+    pages = index.search(queries, max_pages)
+    expected = reference_masses(index, queries, max_pages)
+    for h in range(2):
+        chosen = pages[h][pages[h] >= 0].tolist()
+        assert len(set(chosen)) == len(chosen) == min(max_pages, len(expected[h]))
+        # the same pages up to ties: every returned page is a candidate, and their masses are the best ones
+        assert all(p in expected[h] for p in chosen)
+        got = sorted((expected[h][p] for p in chosen), reverse=True)
+        best = sorted(expected[h].values(), reverse=True)[: len(chosen)]
+        assert got == pytest.approx(best, rel=1e-4, abs=1e-6)

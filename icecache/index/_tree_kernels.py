@@ -104,23 +104,25 @@ def balanced_order(points: np.ndarray, page_size: int) -> np.ndarray:
 @numba.njit(cache=True)
 def _refresh_centroid(sums, fill, centroids, h, page, head_dim):
     if fill[h, page] > 0:
-        centroids[h, page] = sums[h, page, :head_dim] / fill[h, page]
+        centroids[h, :, page] = sums[h, page, :head_dim] / fill[h, page]
     else:
-        centroids[h, page] = 0.0
+        centroids[h, :, page] = 0.0
 
 
 @numba.njit(cache=True)
-def insert_tokens(aug_keys, start, end, table, fill, sums, centroids, n_pages, changed):
-    """Route tokens `start .. end - 1` (rows of `aug_keys` `[kv, n, d + 1]`) into the nearest leaf of each
-    head; a full leaf splits in two by balanced 2-means (one half keeps the page, the other opens page
-    `n_pages[h]`). Marks touched pages in `changed` `[kv, capacity]`. Capacity must already fit
-    `n_pages + (end - start)` pages."""
+def insert_tokens(new_keys, start, table, fill, sums, centroids, page_keys, n_pages, changed):
+    """Route new tokens (augmented rows `new_keys` `[kv, m, d + 1]`, positions `start .. start + m - 1`)
+    into the nearest leaf of each head; a full leaf splits in two by balanced 2-means (one half keeps the
+    page, the other opens page `n_pages[h]`). Keeps `centroids` `[kv, d, cap]` and `page_keys`
+    `[kv, cap, page_size, d + 1]` (each page's augmented keys, slot by slot) in step with `table`,
+    and marks touched pages in `changed` `[kv, capacity]`. Capacity must already fit `n_pages + m` pages."""
     kv_heads, _, page_size = table.shape
-    dim = aug_keys.shape[2]
-    head_dim = centroids.shape[2]
-    for pos in range(start, end):
+    dim = new_keys.shape[2]
+    head_dim = centroids.shape[1]
+    for i in range(new_keys.shape[1]):
+        pos = start + i
         for h in range(kv_heads):
-            point = aug_keys[h, pos]
+            point = new_keys[h, i]
             best, best_dist = -1, np.inf
             for p in range(n_pages[h]):
                 if fill[h, p] == 0:
@@ -138,6 +140,7 @@ def insert_tokens(aug_keys, start, end, table, fill, sums, centroids, n_pages, c
                 for s in range(page_size):
                     if table[h, best, s] < 0:
                         table[h, best, s] = pos
+                        page_keys[h, best, s] = point
                         break
                 fill[h, best] += 1
                 sums[h, best] += point
@@ -148,24 +151,128 @@ def insert_tokens(aug_keys, start, end, table, fill, sums, centroids, n_pages, c
             members = np.empty(page_size + 1, np.int64)
             members[:page_size] = table[h, best]
             members[page_size] = pos
+            sub = np.empty((page_size + 1, dim), page_keys.dtype)
+            sub[:page_size] = page_keys[h, best]
+            sub[page_size] = point
             half = (page_size + 2) // 2
-            sub = aug_keys[h][members]
             order = balanced_order(sub, half)
             new = n_pages[h]
             n_pages[h] += 1
             table[h, best] = -1
             table[h, new] = -1
+            page_keys[h, best] = 0.0
+            page_keys[h, new] = 0.0
             sums[h, best] = 0.0
             sums[h, new] = 0.0
-            for i in range(page_size + 1):
-                token = members[order[i]]
-                page = best if i < half else new
-                slot = i if i < half else i - half
-                table[h, page, slot] = token
-                sums[h, page] += aug_keys[h, token]
+            for r in range(page_size + 1):
+                page = best if r < half else new
+                slot = r if r < half else r - half
+                table[h, page, slot] = members[order[r]]
+                page_keys[h, page, slot] = sub[order[r]]
+                sums[h, page] += sub[order[r]]
             fill[h, best] = half
             fill[h, new] = page_size + 1 - half
             _refresh_centroid(sums, fill, centroids, h, best, head_dim)
             _refresh_centroid(sums, fill, centroids, h, new, head_dim)
             changed[h, best] = True
             changed[h, new] = True
+
+
+@numba.njit(cache=True)
+def _top_indices(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the `k` largest `values` in no particular order (selection in O(n), not a full sort)."""
+    n = values.shape[0]
+    threshold = np.partition(values, n - k)[n - k]
+    out = np.empty(k, np.int64)
+    taken = 0
+    for i in range(n):
+        if values[i] > threshold:
+            out[taken] = i
+            taken += 1
+    for i in range(n):  # ties at the threshold fill what is left
+        if taken == k:
+            break
+        if values[i] == threshold:
+            out[taken] = i
+            taken += 1
+    return out
+
+
+# reassociation and contraction let the dot products use SIMD lanes; no `ninf`: empty slots are -inf
+_FAST = {"reassoc", "contract", "arcp", "nsz"}
+
+
+@numba.njit(cache=True, fastmath=_FAST)
+def search_pages(queries, centroids, fill, page_keys, table, n_pages, n_cand, max_pages, scale):
+    """The tree's search for every KV head in one compiled pass (`TreeIndex._search`).
+
+    queries `[kv, g, d]`; centroids `[kv, d, cap]`; fill `[kv, cap]`; page_keys `[kv, cap, page_size, d + 1]`
+    (each page's augmented keys stored together, so a candidate page is one contiguous read); table
+    `[kv, cap, page_size]` (-1 = empty slot). Ranks the first `n_pages` leaves by `max_g q_g . centroid`,
+    rescores the tokens of the best `n_cand` exactly (softmax over the candidates' tokens, per query
+    head), and returns the `min(max_pages, n_cand)` candidates holding the most attention mass, best
+    first, `[kv, k]` int64. Empty pages rank last. Inner loops run along contiguous memory (pages in
+    step 1, a key's dimensions in step 2), so they vectorise.
+    """
+    kv_heads, group, dim = queries.shape
+    page_size = table.shape[2]
+    k = min(max_pages, n_cand)
+    out = np.empty((kv_heads, k), np.int64)
+    score = np.empty(n_pages, np.float32)
+    partial = np.empty(n_pages, np.float32)
+    logits = np.empty((group, n_cand, page_size), np.float32)
+    top = np.empty(group, np.float32)
+    total = np.empty(group, np.float64)
+    mass = np.empty(n_cand, np.float64)
+    for h in range(kv_heads):
+        q = queries[h]
+        # 1) centroid score of every leaf, max over the group's query heads
+        score[:] = -np.inf
+        for g in range(group):
+            partial[:] = 0.0
+            for j in range(dim):
+                qj = q[g, j]
+                column = centroids[h, j]
+                for p in range(n_pages):
+                    partial[p] += qj * column[p]
+            for p in range(n_pages):
+                score[p] = max(score[p], partial[p])
+        for p in range(n_pages):
+            if fill[h, p] == 0:
+                score[p] = -np.inf
+        cand = _top_indices(score, n_cand)  # unordered: the rescoring ranks them
+        # 2) exact logits of the candidates' tokens, a page at a time
+        top[:] = -np.inf
+        for c in range(n_cand):
+            for s in range(page_size):
+                if table[h, cand[c], s] < 0:
+                    logits[:, c, s] = -np.inf
+                    continue
+                key = page_keys[h, cand[c], s]
+                for g in range(group):
+                    acc = np.float32(0.0)
+                    for j in range(dim):
+                        acc += q[g, j] * key[j]
+                    logits[g, c, s] = acc * scale
+                    top[g] = max(top[g], logits[g, c, s])
+        # 3) softmax per query head over the candidate tokens; mass per page summed over the group
+        total[:] = 0.0
+        for g in range(group):
+            for c in range(n_cand):
+                for s in range(page_size):
+                    e = np.exp(logits[g, c, s] - top[g])  # exp(-inf) = 0 for empty slots
+                    logits[g, c, s] = e
+                    total[g] += e
+        for c in range(n_cand):
+            if score[cand[c]] == -np.inf:
+                mass[c] = -1.0  # empty pages last
+                continue
+            m = 0.0
+            for g in range(group):
+                for s in range(page_size):
+                    m += logits[g, c, s] / total[g]
+            mass[c] = m
+        best = np.argsort(-mass)[:k]
+        for j in range(k):
+            out[h, j] = cand[best[j]]
+    return out
