@@ -89,6 +89,20 @@ def test_bad_input_raises_and_keeps_index(name):
         index.search(torch.full((2, 1, 8), float("nan")), 2)
     with pytest.raises(ValueError, match="max_pages"):
         index.search(keys[:, :1], -1)
+    with pytest.raises(ValueError, match="resident_lse"):
+        index.search(keys[:, :1], 2, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="resident_lse"):
+        index.search(keys[:, :1], 2, torch.full((2, 1), float("nan")))
+
+
+@pytest.mark.parametrize("name", INDEXES)
+def test_resident_attention_only_reweighs_query_heads(name):
+    # -inf resident mass (no resident token) must leave every index's choice as without it
+    index = icecache.get_index(name, head_dim=8, page_size=4)
+    index.build(random_keys(1, 2, 64, 8))
+    queries = random_keys(2, 2, 3, 8)
+    none = torch.full((2, 3), float("-inf"))
+    assert torch.equal(index.search(queries, 3), index.search(queries, 3, none))
 
 
 def test_registry_errors_name_the_choices():

@@ -139,3 +139,18 @@ def test_reference_attention_masks_and_gqa():
         assert torch.allclose(out[h], expected, atol=1e-6)
     with pytest.raises(ValueError, match="multiple of kv_heads"):
         paged_decode_attention_reference(torch.randn(5, 8), k, v, valid)
+
+
+def test_resident_logsumexp_covers_sink_and_window():
+    # the normaliser the runtime hands to mass-ranking indexes: exactly the sink + window tokens' logits
+    g = torch.Generator().manual_seed(5)
+    budget = Budget(64, 4, sink=4, window=8)
+    layer = SparseLayer(icecache.get_index("exact", head_dim=8, page_size=4), budget, 2, 8, torch.float32,
+                        torch.device("cpu"))
+    keys, values = torch.randn(2, 40, 8, generator=g), torch.randn(2, 40, 8, generator=g)
+    layer.store(keys, values)
+    layer.admit()
+    queries = torch.randn(2, 3, 8, generator=g)
+    resident = torch.cat([keys[:, :4], keys[:, 32:]], 1)
+    expected = torch.logsumexp(torch.einsum("hgd,hnd->hgn", queries, resident) * 0.5, -1)
+    assert torch.allclose(layer.tier.resident_logsumexp(queries, 0.5), expected, atol=1e-5)

@@ -107,9 +107,10 @@ def test_tree_finds_the_planted_key():
         assert 321 in table[h, pages[h]].flatten().tolist()
 
 
-def reference_masses(index, queries: torch.Tensor, max_pages: int) -> list[dict[int, float]]:
+def reference_masses(index, queries: torch.Tensor, max_pages: int, resident_lse=None) -> list[dict[int, float]]:
     """The tree's search written as plain torch ops: per head, the attention mass of every candidate page
-    (centroid ranking, then an exact softmax over the candidates' tokens per query head)."""
+    (centroid ranking, then an exact softmax per query head over the candidates' tokens and, through
+    `resident_lse`, the resident ones)."""
     table, n_pages = index.page_table, index.num_pages
     n_cand = min(n_pages, max(max_pages * index.candidate_factor, index.min_candidates))
     out = []
@@ -120,23 +121,31 @@ def reference_masses(index, queries: torch.Tensor, max_pages: int) -> list[dict[
         pos = table[h, cand].flatten()
         keys = index._page_keys[h, cand, :, : index.head_dim].reshape(-1, index.head_dim)
         logits = (queries[h] @ keys.T) * index.scale
-        probs = torch.softmax(logits.masked_fill(pos < 0, float("-inf")), -1)
+        logits = logits.masked_fill(pos < 0, float("-inf"))
+        lse = torch.logsumexp(logits, -1)
+        if resident_lse is not None:
+            lse = torch.logaddexp(lse, resident_lse[h])
+        probs = torch.exp(logits - lse.unsqueeze(-1))
         mass = probs.sum(0).view(n_cand, -1).sum(-1)
         out.append(dict(zip(cand.tolist(), mass.tolist())))
     return out
 
 
 @given(seed=st.integers(0, 1000), n=st.integers(1, 400), inserts=st.lists(st.integers(1, 30), max_size=4),
-       max_pages=st.integers(1, 12), group=st.integers(1, 4))
-def test_compiled_search_matches_the_torch_reference(seed, n, inserts, max_pages, group):
+       max_pages=st.integers(1, 12), group=st.integers(1, 4), resident=st.booleans())
+def test_compiled_search_matches_the_torch_reference(seed, n, inserts, max_pages, group, resident):
     g = torch.Generator().manual_seed(seed)
     index = icecache.get_index("tree", head_dim=8, page_size=4, min_candidates=3, candidate_factor=2)
     index.build(torch.randn(2, n, 8, generator=g), torch.randn(2, 5, 8, generator=g))
     for m in inserts:
         index.insert(torch.randn(2, m, 8, generator=g))
     queries = torch.randn(2, group, 8, generator=g)
-    pages = index.search(queries, max_pages)
-    expected = reference_masses(index, queries, max_pages)
+    # resident tokens' log-sum-exp per query head; -inf (no resident token) for one head
+    resident_lse = 3 * torch.randn(2, group, generator=g) if resident else None
+    if resident:
+        resident_lse[0, 0] = float("-inf")
+    pages = index.search(queries, max_pages, resident_lse)
+    expected = reference_masses(index, queries, max_pages, resident_lse)
     for h in range(2):
         chosen = pages[h][pages[h] >= 0].tolist()
         assert len(set(chosen)) == len(chosen) == min(max_pages, len(expected[h]))

@@ -203,14 +203,15 @@ _FAST = {"reassoc", "contract", "arcp", "nsz"}
 
 
 @numba.njit(cache=True, fastmath=_FAST)
-def search_pages(queries, centroids, fill, page_keys, table, n_pages, n_cand, max_pages, scale):
+def search_pages(queries, centroids, fill, page_keys, table, n_pages, n_cand, max_pages, scale, resident_lse):
     """The tree's search for every KV head in one compiled pass (`TreeIndex._search`).
 
     queries `[kv, g, d]`; centroids `[kv, d, cap]`; fill `[kv, cap]`; page_keys `[kv, cap, page_size, d + 1]`
     (each page's augmented keys stored together, so a candidate page is one contiguous read); table
     `[kv, cap, page_size]` (-1 = empty slot). Ranks the first `n_pages` leaves by `max_g q_g . centroid`,
-    rescores the tokens of the best `n_cand` exactly (softmax over the candidates' tokens, per query
-    head), and returns the `min(max_pages, n_cand)` candidates holding the most attention mass, best
+    rescores the tokens of the best `n_cand` exactly (a softmax per query head over the candidates' tokens
+    plus the resident tokens, whose log-sum-exp `resident_lse` `[kv, g]` the runtime gives, -inf for
+    none), and returns the `min(max_pages, n_cand)` candidates holding the most attention mass, best
     first, `[kv, k]` int64. Empty pages rank last. Inner loops run along contiguous memory (pages in
     step 1, a key's dimensions in step 2), so they vectorise.
     """
@@ -256,7 +257,8 @@ def search_pages(queries, centroids, fill, page_keys, table, n_pages, n_cand, ma
                     logits[g, c, s] = acc * scale
                     top[g] = max(top[g], logits[g, c, s])
         # 3) softmax per query head over the candidate tokens; mass per page summed over the group
-        total[:] = 0.0
+        for g in range(group):
+            total[g] = np.exp(resident_lse[h, g] - top[g]) if resident_lse[h, g] > -np.inf else 0.0
         for g in range(group):
             for c in range(n_cand):
                 for s in range(page_size):

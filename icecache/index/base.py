@@ -68,6 +68,8 @@ class TokenIndex(ABC):
     name: ClassVar[str] = ""
     #: True when `_build` takes the prefill queries as a second argument
     uses_build_queries: ClassVar[bool] = False
+    #: True when `_search` takes `resident_lse` (indexes that rank pages by attention mass)
+    uses_resident_lse: ClassVar[bool] = False
 
     def __init__(self, head_dim: int, page_size: int = 16) -> None:
         if not isinstance(head_dim, int) or head_dim < 1:
@@ -111,8 +113,14 @@ class TokenIndex(ABC):
         self.num_tokens += keys.shape[1]
         return changed
 
-    def search(self, queries: torch.Tensor, max_pages: int) -> torch.Tensor:
+    def search(self, queries: torch.Tensor, max_pages: int, resident_lse: torch.Tensor | None = None) -> torch.Tensor:
         """Best pages for decode `queries` `[kv_heads, group, head_dim]`.
+
+        `resident_lse` (optional, `[kv_heads, group]`): for each query head, the log-sum-exp of its scaled
+        logits over the tokens it attends besides this index (the runtime's sink and window; `-inf` for
+        none). Indexes that rank pages by attention mass (`uses_resident_lse`) use it to normalise each
+        query head's softmax over everything it attends, so a head that spends most of its attention on
+        the sink weighs less in the page choice; the others ignore it.
 
         Returns a LongTensor `[kv_heads, max_pages]` of page ids, best first, `-1` where fewer are returned.
         """
@@ -120,9 +128,20 @@ class TokenIndex(ABC):
         check_queries(queries, self.head_dim, self.kv_heads)
         if not isinstance(max_pages, int) or max_pages < 0:
             raise ValueError(f"max_pages must be a non-negative int, got {max_pages!r}")
+        if resident_lse is not None:
+            expected = tuple(queries.shape[:2])
+            if not isinstance(resident_lse, torch.Tensor) or tuple(resident_lse.shape) != expected:
+                got = tuple(resident_lse.shape) if isinstance(resident_lse, torch.Tensor) else type(resident_lse).__name__
+                raise ValueError(f"resident_lse must be a tensor of shape [kv_heads, group] = {expected}, got {got}")
+            if not resident_lse.is_floating_point() or bool(torch.isnan(resident_lse).any()) or bool(
+                    (resident_lse == float("inf")).any()):
+                raise ValueError("resident_lse must be a float tensor without NaN or +inf (-inf means no resident tokens)")
         if max_pages == 0 or self.num_pages == 0:
             return torch.full((self.kv_heads, max_pages), -1, dtype=torch.long, device=queries.device)
-        pages = self._search(queries, max_pages)
+        if self.uses_resident_lse:
+            pages = self._search(queries, max_pages, resident_lse)
+        else:
+            pages = self._search(queries, max_pages)
         if pages.shape[1] < max_pages:  # fewer pages than asked: pad
             pad = torch.full((self.kv_heads, max_pages - pages.shape[1]), -1, dtype=torch.long, device=pages.device)
             pages = torch.cat([pages, pad], dim=1)

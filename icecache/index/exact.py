@@ -18,13 +18,19 @@ from .token_order import TokenOrderIndex
 class ExactIndex(TokenOrderIndex):
     """Rank token-order pages by the exact attention mass of their tokens."""
 
-    def token_scores(self, queries: torch.Tensor) -> torch.Tensor:
-        """Attention probability of every stored token, summed over each group: `[kv_heads, n]`."""
-        logits = torch.einsum("hgd,hnd->hgn", queries.float(), self.keys.view) * self.scale
-        return torch.softmax(logits, dim=-1).sum(1)
+    uses_resident_lse = True
 
-    def _search(self, queries: torch.Tensor, max_pages: int) -> torch.Tensor:
-        mass = self.page_token_mass(self.token_scores(queries))
+    def token_scores(self, queries: torch.Tensor, resident_lse: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention probability of every stored token, summed over each group: `[kv_heads, n]`; with
+        `resident_lse` `[kv_heads, group]` each head's softmax also counts the resident tokens."""
+        logits = torch.einsum("hgd,hnd->hgn", queries.float(), self.keys.view) * self.scale
+        lse = torch.logsumexp(logits, dim=-1)
+        if resident_lse is not None:
+            lse = torch.logaddexp(lse, resident_lse.to(lse))
+        return torch.exp(logits - lse.unsqueeze(-1)).sum(1)
+
+    def _search(self, queries: torch.Tensor, max_pages: int, resident_lse: torch.Tensor | None = None) -> torch.Tensor:
+        mass = self.page_token_mass(self.token_scores(queries, resident_lse))
         k = min(max_pages, mass.shape[1])
         return torch.topk(mass, k, dim=1).indices
 

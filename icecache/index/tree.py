@@ -14,7 +14,8 @@ are clustered by key.
 Search scores every leaf centroid against the group's queries (at these page counts one matmul over the
 leaves is cheaper than a descent, and FINDINGS showed loose bounds rank badly), keeps
 `candidate_factor x max_pages` candidate pages, scores their tokens exactly and returns the pages holding
-the most attention mass. Insert routes a token to the leaf with the nearest centroid; a full leaf splits
+the most attention mass (each query head's softmax also counting the resident sink and window, through
+the runtime's `resident_lse`). Insert routes a token to the leaf with the nearest centroid; a full leaf splits
 in two by 2-means (one half keeps the page id, the other gets a new page).
 
 Each page's keys are stored together (`[kv_heads, pages, page_size, d + 1]`, like the page table), so the
@@ -65,6 +66,7 @@ class TreeIndex(TokenIndex):
     """
 
     uses_build_queries = True
+    uses_resident_lse = True
 
     def __init__(self, head_dim: int, page_size: int = 16, hot_pages: int = 8, candidate_factor: int = 4,
                  norm_headroom: float = 1.2, min_candidates: int = 64, hot_tiers: int = 3, hot_growth: int = 3,
@@ -197,7 +199,7 @@ class TreeIndex(TokenIndex):
         """Mean key of every page, `[kv_heads, n_pages, head_dim]` (zeros for empty pages)."""
         return self._cent[:, :, : self.num_pages].transpose(1, 2)
 
-    def _search(self, queries: torch.Tensor, max_pages: int) -> torch.Tensor:
+    def _search(self, queries: torch.Tensor, max_pages: int, resident_lse: torch.Tensor | None = None) -> torch.Tensor:
         # 1) rank leaves by centroid score (max over the group's query heads); 2) rescore the tokens of the
         # best `n_cand` leaves exactly and keep the pages holding the most attention mass. One compiled
         # pass over all heads: as ~10 small torch ops the same search cost 0.7 ms at 8k, mostly per-op
@@ -205,8 +207,12 @@ class TreeIndex(TokenIndex):
         q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
         pages = int(self._pages.max())
         n_cand = min(pages, max(max_pages * self.candidate_factor, self.min_candidates))
+        if resident_lse is None:
+            lse = np.full(q.shape[:2], -np.inf, np.float32)
+        else:
+            lse = np.ascontiguousarray(resident_lse.detach().float().cpu().numpy())
         best = search_pages(q, self._cent.numpy(), self._fill.numpy(), self._page_keys.numpy(), self._table.numpy(),
-                            pages, n_cand, max_pages, self.scale)
+                            pages, n_cand, max_pages, self.scale, lse)
         self._last_rescored = n_cand * self.page_size
         return torch.from_numpy(best).to(queries.device)
 

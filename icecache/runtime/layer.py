@@ -162,7 +162,10 @@ class SparseLayer:
             self.tier.grow_retrieval_slots(self.index.num_pages)
             self.last_page_ids = all_pages.unsqueeze(0).expand(self.kv_heads, -1)
         else:
-            self.last_page_ids = self.index.search(group_queries, self.budget.max_pages)
+            # pages are ranked by their share of each query head's *whole* attention, sink and window included
+            resident = (self.tier.resident_logsumexp(group_queries, self.index.scale)
+                        if self.index.uses_resident_lse else None)
+            self.last_page_ids = self.index.search(group_queries, self.budget.max_pages, resident)
         return self.last_page_ids
 
     def load_pages(self, page_ids: torch.Tensor) -> None:

@@ -81,6 +81,15 @@ class DeviceTier:
         self.v.view(kv_heads, -1, head_dim)[:, flat] = v.to(self.v.dtype)
         self.filled.view(kv_heads, -1)[:, flat] = True
 
+    def resident_logsumexp(self, queries: torch.Tensor, scale: float) -> torch.Tensor:
+        """`[kv_heads, group]`: log-sum-exp of `queries` `[kv_heads, group, head_dim]`' scaled logits over
+        the resident tokens (sink and window; -inf where none is stored yet)."""
+        kv_heads, head_dim = self.k.shape[0], self.k.shape[-1]
+        keys = self.k[:, : self.resident_pages].reshape(kv_heads, -1, head_dim)
+        stored = self.filled[:, : self.resident_pages].reshape(kv_heads, 1, -1)
+        logits = torch.einsum("hgd,hnd->hgn", queries.to(keys.dtype), keys).float() * scale
+        return torch.logsumexp(logits.masked_fill(~stored, float("-inf")), dim=-1)
+
     def grow_retrieval_slots(self, slots: int) -> None:
         """Make room for `slots` retrieval pages (only when the whole context fits in the budget)."""
         extra = slots - self.retrieval_slots
