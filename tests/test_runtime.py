@@ -154,3 +154,16 @@ def test_resident_logsumexp_covers_sink_and_window():
     resident = torch.cat([keys[:, :4], keys[:, 32:]], 1)
     expected = torch.logsumexp(torch.einsum("hgd,hnd->hgn", queries, resident) * 0.5, -1)
     assert torch.allclose(layer.tier.resident_logsumexp(queries, 0.5), expected, atol=1e-5)
+
+
+def test_resident_logsumexp_skips_slots_not_written_yet():
+    # before the window fills, empty resident slots must not count (their zero keys would add exp(0))
+    budget = Budget(64, 4, sink=4, window=8)
+    layer = SparseLayer(icecache.get_index("exact", head_dim=8, page_size=4), budget, 2, 8, torch.float32,
+                        torch.device("cpu"))
+    keys = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(6))
+    layer.store(keys, torch.zeros_like(keys))
+    layer.admit()
+    queries = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(7))
+    expected = torch.logsumexp(torch.einsum("hgd,hnd->hgn", queries, keys) * 0.5, -1)
+    assert torch.allclose(layer.tier.resident_logsumexp(queries, 0.5), expected, atol=1e-5)

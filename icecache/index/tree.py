@@ -189,7 +189,7 @@ class TreeIndex(TokenIndex):
 
     @property
     def page_table(self) -> torch.Tensor:
-        return self._table[:, : int(self._pages.max(initial=0))]
+        return self._table[:, : self.num_pages]
 
     @property
     def num_pages(self) -> int:
@@ -205,7 +205,7 @@ class TreeIndex(TokenIndex):
         # pass over all heads: as ~10 small torch ops the same search cost 0.7 ms at 8k, mostly per-op
         # overhead (benchmarks/RESULTS.md).
         q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
-        pages = int(self._pages.max())
+        pages = self.num_pages
         n_cand = min(pages, max(max_pages * self.candidate_factor, self.min_candidates))
         if resident_lse is None:
             lse = np.full(q.shape[:2], -np.inf, np.float32)

@@ -68,7 +68,6 @@ class DeviceTier:
         self.slot_page = torch.full((kv_heads, retrieval_slots), -1, dtype=torch.long, device=device)
         self.active = torch.zeros(kv_heads, slots, dtype=torch.bool, device=device)
         self.active[:, : self.resident_pages] = True
-        self._resident_full = False  # every resident slot written at least once (they stay written)
 
     @property
     def retrieval_slots(self) -> int:
@@ -91,14 +90,12 @@ class DeviceTier:
         # this runs every decode step of every layer, inside the search's time: on the CPU, one small compiled
         # kernel costs a fraction of torch's per-op overhead (90 us as torch ops)
         keys = self.k[:, : self.resident_pages].flatten(1, 2)  # a view: [kv, resident slots, head_dim]
-        if not self._resident_full:  # only until sink and window have filled once (they stay filled)
-            self._resident_full = bool(self.filled[:, : self.resident_pages].all())
-        if keys.device.type == "cpu" and keys.dtype == torch.float32 and self._resident_full:
+        stored = self.filled[:, : self.resident_pages].flatten(1, 2)
+        if keys.device.type == "cpu" and keys.dtype == torch.float32:
             return torch.from_numpy(logsumexp_logits(np.ascontiguousarray(queries.detach().float().numpy()),
-                                                     keys.numpy(), scale))
+                                                     keys.numpy(), stored.numpy(), scale))
         logits = torch.matmul(queries.to(keys.dtype), keys.transpose(1, 2)).float()
-        if not self._resident_full:
-            logits.masked_fill_(~self.filled[:, : self.resident_pages].flatten(1, 2).unsqueeze(1), float("-inf"))
+        logits.masked_fill_(~stored.unsqueeze(1), float("-inf"))
         return torch.logsumexp(logits.mul_(scale), dim=-1)
 
     def grow_retrieval_slots(self, slots: int) -> None:
