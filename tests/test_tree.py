@@ -45,8 +45,9 @@ def test_centroids_stay_exact_and_pages_stay_full_enough(seed, n, inserts):
             members = table[h, p][table[h, p] >= 0]
             if members.numel():
                 assert torch.allclose(cents[h, p], keys[h, members].mean(0), atol=1e-4)
-            # each page's stored keys are its members' keys, slot by slot
+            # each page's stored keys are its members' keys, slot by slot, in its first `fill` slots
             slots = table[h, p] >= 0
+            assert torch.equal(slots, torch.arange(table.shape[2]) < index._fill[h, p])
             assert torch.equal(index._page_keys[h, p, slots, :8], keys[h, table[h, p][slots]])
     if pos >= 8:
         # build fills pages; a split leaves two halves, so fill never drops below one half

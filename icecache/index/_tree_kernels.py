@@ -201,80 +201,112 @@ def _top_indices(values: np.ndarray, k: int) -> np.ndarray:
 # reassociation and contraction let the dot products use SIMD lanes; no `ninf`: empty slots are -inf
 _FAST = {"reassoc", "contract", "arcp", "nsz"}
 
+_LOG2E = np.float32(1.4426950408889634)
+
 
 @numba.njit(cache=True, fastmath=_FAST)
-def search_pages(queries, centroids, fill, page_keys, table, n_pages, n_cand, max_pages, scale, resident_lse):
+def _exp_nonpositive(x: np.ndarray, bits: np.ndarray) -> None:
+    """In place `x = exp(x)` for `x <= 0` (float32, relative error below 4e-6; below -87 -> ~1e-38): a polynomial
+    for 2^f on [-0.5, 0.5] and the exponent written as bits, so the loop vectorises (a scalar `exp` call
+    per token cost a quarter of the search). `bits` is int32 scratch of the same length."""
+    n = x.shape[0]
+    for i in range(n):
+        t = max(x[i], np.float32(-87.0)) * _LOG2E
+        k = np.floor(t + np.float32(0.5))
+        f = t - k
+        p = np.float32(1.5403530e-4)
+        p = p * f + np.float32(1.3333558e-3)
+        p = p * f + np.float32(9.6181291e-3)
+        p = p * f + np.float32(5.5504109e-2)
+        p = p * f + np.float32(2.4022651e-1)
+        p = p * f + np.float32(6.9314718e-1)
+        p = p * f + np.float32(1.0)
+        x[i] = p
+        bits[i] = (np.int32(k) + np.int32(127)) << 23
+    scale = bits.view(np.float32)
+    for i in range(n):
+        x[i] *= scale[i]
+
+
+@numba.njit(cache=True, fastmath=_FAST)
+def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages, scale, resident_lse):
     """The tree's search for every KV head in one compiled pass (`TreeIndex._search`).
 
-    queries `[kv, g, d]`; centroids `[kv, d, cap]`; fill `[kv, cap]`; page_keys `[kv, cap, page_size, d + 1]`
-    (each page's augmented keys stored together, so a candidate page is one contiguous read); table
-    `[kv, cap, page_size]` (-1 = empty slot). Ranks the first `n_pages` leaves by `max_g q_g . centroid`,
+    queries `[kv, g, d]`; centroids `[kv, d, cap]`; fill `[kv, cap]` (a page's tokens sit in its first
+    `fill` slots); page_keys `[kv, cap, page_size, d + 1]` (each page's augmented keys stored together, so
+    a candidate page is one contiguous read). Ranks the first `n_pages` leaves by `max_g q_g . centroid`,
     rescores the tokens of the best `n_cand` exactly (a softmax per query head over the candidates' tokens
     plus the resident tokens, whose log-sum-exp `resident_lse` `[kv, g]` the runtime gives, -inf for
     none), and returns the `min(max_pages, n_cand)` candidates holding the most attention mass, best
     first, `[kv, k]` int64. Empty pages rank last. Inner loops run along contiguous memory (pages in
-    step 1, a key's dimensions in step 2), so they vectorise.
+    step 1, a key's dimensions in step 2, candidate tokens in step 3), so they vectorise.
     """
     kv_heads, group, dim = queries.shape
-    page_size = table.shape[2]
+    page_size = page_keys.shape[2]
     k = min(max_pages, n_cand)
     out = np.empty((kv_heads, k), np.int64)
     score = np.empty(n_pages, np.float32)
-    partial = np.empty(n_pages, np.float32)
-    logits = np.empty((group, n_cand, page_size), np.float32)
+    partial = np.empty((group, n_pages), np.float32)
+    logits = np.empty((group, n_cand * page_size), np.float32)
+    bits = np.empty(n_cand * page_size, np.int32)
     top = np.empty(group, np.float32)
-    total = np.empty(group, np.float64)
     mass = np.empty(n_cand, np.float64)
     for h in range(kv_heads):
         q = queries[h]
         # 1) centroid score of every leaf, max over the group's query heads
-        score[:] = -np.inf
-        for g in range(group):
-            partial[:] = 0.0
-            for j in range(dim):
+        partial[:] = 0.0
+        for j in range(dim):
+            column = centroids[h, j]
+            for g in range(group):
                 qj = q[g, j]
-                column = centroids[h, j]
+                row = partial[g]
                 for p in range(n_pages):
-                    partial[p] += qj * column[p]
-            for p in range(n_pages):
-                score[p] = max(score[p], partial[p])
+                    row[p] += qj * column[p]
         for p in range(n_pages):
-            if fill[h, p] == 0:
-                score[p] = -np.inf
+            best = partial[0, p]
+            for g in range(1, group):
+                best = max(best, partial[g, p])
+            score[p] = best if fill[h, p] > 0 else -np.inf
         cand = _top_indices(score, n_cand)  # unordered: the rescoring ranks them
         # 2) exact logits of the candidates' tokens, a page at a time
         top[:] = -np.inf
         for c in range(n_cand):
+            used = fill[h, cand[c]]  # a page's tokens sit in its first `fill` slots
+            base = c * page_size
             for s in range(page_size):
-                if table[h, cand[c], s] < 0:
-                    logits[:, c, s] = -np.inf
+                if s >= used:
+                    for g in range(group):
+                        logits[g, base + s] = -np.inf
                     continue
                 key = page_keys[h, cand[c], s]
                 for g in range(group):
-                    acc = np.float32(0.0)
+                    a = np.float32(0.0)
                     for j in range(dim):
-                        acc += q[g, j] * key[j]
-                    logits[g, c, s] = acc * scale
-                    top[g] = max(top[g], logits[g, c, s])
-        # 3) softmax per query head over the candidate tokens; mass per page summed over the group
+                        a += q[g, j] * key[j]
+                    a *= scale
+                    logits[g, base + s] = a
+                    top[g] = max(top[g], a)
+        # 3) softmax per query head over the candidate tokens (and the resident ones); mass per page,
+        # summed over the group
+        mass[:] = 0.0
         for g in range(group):
-            total[g] = np.exp(resident_lse[h, g] - top[g]) if resident_lse[h, g] > -np.inf else 0.0
-        for g in range(group):
+            row = logits[g]
+            for i in range(row.shape[0]):
+                row[i] -= top[g]
+            _exp_nonpositive(row, bits)
+            total = np.exp(resident_lse[h, g] - top[g]) if resident_lse[h, g] > -np.inf else 0.0
+            for i in range(row.shape[0]):
+                total += row[i]
+            inv = 1.0 / total
             for c in range(n_cand):
+                m = np.float32(0.0)
                 for s in range(page_size):
-                    e = np.exp(logits[g, c, s] - top[g])  # exp(-inf) = 0 for empty slots
-                    logits[g, c, s] = e
-                    total[g] += e
+                    m += row[c * page_size + s]
+                mass[c] += m * inv
         for c in range(n_cand):
             if score[cand[c]] == -np.inf:
                 mass[c] = -1.0  # empty pages last
-                continue
-            m = 0.0
-            for g in range(group):
-                for s in range(page_size):
-                    m += logits[g, c, s] / total[g]
-            mass[c] = m
-        best = np.argsort(-mass)[:k]
+        best_idx = np.argsort(-mass)[:k]
         for j in range(k):
-            out[h, j] = cand[best[j]]
+            out[h, j] = cand[best_idx[j]]
     return out

@@ -211,8 +211,8 @@ class TreeIndex(TokenIndex):
             lse = np.full(q.shape[:2], -np.inf, np.float32)
         else:
             lse = np.ascontiguousarray(resident_lse.detach().float().cpu().numpy())
-        best = search_pages(q, self._cent.numpy(), self._fill.numpy(), self._page_keys.numpy(), self._table.numpy(),
-                            pages, n_cand, max_pages, self.scale, lse)
+        best = search_pages(q, self._cent.numpy(), self._fill.numpy(), self._page_keys.numpy(), pages, n_cand,
+                            max_pages, self.scale, lse)
         self._last_rescored = n_cand * self.page_size
         return torch.from_numpy(best).to(queries.device)
 

@@ -89,11 +89,11 @@ class DeviceTier:
         the resident tokens (sink and window; -inf where none is stored yet)."""
         # this runs every decode step of every layer, inside the search's time: on the CPU, one small compiled
         # kernel costs a fraction of torch's per-op overhead (90 us as torch ops)
+        if self.k.device.type == "cpu" and self.k.dtype == torch.float32:
+            return torch.from_numpy(logsumexp_logits(np.ascontiguousarray(queries.detach().float().numpy()),
+                                                     self.k.numpy(), self.filled.numpy(), self.resident_pages, scale))
         keys = self.k[:, : self.resident_pages].flatten(1, 2)  # a view: [kv, resident slots, head_dim]
         stored = self.filled[:, : self.resident_pages].flatten(1, 2)
-        if keys.device.type == "cpu" and keys.dtype == torch.float32:
-            return torch.from_numpy(logsumexp_logits(np.ascontiguousarray(queries.detach().float().numpy()),
-                                                     keys.numpy(), stored.numpy(), scale))
         logits = torch.matmul(queries.to(keys.dtype), keys.transpose(1, 2)).float()
         logits.masked_fill_(~stored.unsqueeze(1), float("-inf"))
         return torch.logsumexp(logits.mul_(scale), dim=-1)
