@@ -33,6 +33,11 @@ from ._tree_kernels import balanced_order, insert_tokens, search_pages
 from .base import TokenIndex, register_index
 
 
+def _bits(values: torch.Tensor) -> np.ndarray:
+    """bfloat16 tensor -> int16 numpy view of its bits, for the compiled kernels (numpy has no bfloat16)."""
+    return values.view(torch.int16).numpy()
+
+
 def augment(keys: torch.Tensor, max_norm: float) -> torch.Tensor:
     """`[..., d] -> [..., d + 1]`: `[k, sqrt(M^2 - |k|^2)]`, so L2 neighbours are inner-product neighbours."""
     extra = (max_norm**2 - keys.pow(2).sum(-1, keepdim=True)).clamp(min=0).sqrt()
@@ -103,10 +108,11 @@ class TreeIndex(TokenIndex):
         self._fill = torch.zeros(kv_heads, cap, dtype=torch.long)
         self._sums = torch.zeros(kv_heads, cap, d + 1)
         # centroids column by column, `[kv, d, pages]`: scoring every page streams contiguous memory
-        self._cent = torch.zeros(kv_heads, d, cap)
+        self._cent = torch.zeros(kv_heads, d, cap, dtype=torch.bfloat16)
         # every page's augmented keys stored together, `[kv, pages, page_size, d + 1]` (slot by slot, like
-        # the table): search reads a candidate page as one contiguous block instead of 16 scattered rows
-        self._page_keys = torch.zeros(kv_heads, cap, self.page_size, d + 1)
+        # the table): search reads a candidate page as one contiguous block instead of 16 scattered rows.
+        # Both in bfloat16: the search reads half the bytes, with the same recall (see _tree_kernels)
+        self._page_keys = torch.zeros(kv_heads, cap, self.page_size, d + 1, dtype=torch.bfloat16)
         self._pages = np.zeros(kv_heads, dtype=np.int64)
         for h in range(kv_heads):
             for tokens, features in self._layout_groups(h, keys[h], aug[h], queries):
@@ -155,10 +161,11 @@ class TreeIndex(TokenIndex):
         self._table[h, first : first + count] = block
         self._fill[h, first : first + count] = valid.sum(1)
         page_keys = aug[block.clamp(min=0)] * valid.unsqueeze(-1)  # [count, page_size, d + 1]
-        self._page_keys[h, first : first + count] = page_keys
+        self._page_keys[h, first : first + count] = page_keys.to(torch.bfloat16)
         sums = page_keys.sum(1)
         self._sums[h, first : first + count] = sums
-        self._cent[h, :, first : first + count] = (sums[:, : self.head_dim] / valid.sum(1, keepdim=True).clamp(min=1)).T
+        means = sums[:, : self.head_dim] / valid.sum(1, keepdim=True).clamp(min=1)
+        self._cent[h, :, first : first + count] = means.T.to(torch.bfloat16)
         self._pages[h] = first + count
 
     def _ensure_capacity(self, pages: int) -> None:
@@ -182,7 +189,7 @@ class TreeIndex(TokenIndex):
         self._ensure_capacity(int(self._pages.max()) + keys.shape[1])
         changed = np.zeros(self._fill.shape, dtype=np.bool_)
         insert_tokens(new_keys, self.num_tokens, self._table.numpy(), self._fill.numpy(), self._sums.numpy(),
-                      self._cent.numpy(), self._page_keys.numpy(), self._pages, changed)
+                      _bits(self._cent), _bits(self._page_keys), self._pages, changed)
         return torch.from_numpy(np.flatnonzero(changed.any(0)))
 
     # -- search ----------------------------------------------------------------------------------
@@ -196,8 +203,9 @@ class TreeIndex(TokenIndex):
         return max(self._pages.tolist(), default=0)  # per search: a list's max is 5x cheaper than numpy's here
 
     def centroids(self) -> torch.Tensor:
-        """Mean key of every page, `[kv_heads, n_pages, head_dim]` (zeros for empty pages)."""
-        return self._cent[:, :, : self.num_pages].transpose(1, 2)
+        """Mean key of every page (bfloat16 precision, as the search sees it), `[kv_heads, n_pages, head_dim]`
+        float32 (zeros for empty pages)."""
+        return self._cent[:, :, : self.num_pages].transpose(1, 2).float()
 
     def _search(self, queries: torch.Tensor, max_pages: int, resident_lse: torch.Tensor | None = None) -> torch.Tensor:
         # 1) rank leaves by centroid score (max over the group's query heads); 2) rescore the tokens of the
@@ -211,11 +219,11 @@ class TreeIndex(TokenIndex):
             lse = np.full(q.shape[:2], -np.inf, np.float32)
         else:
             lse = np.ascontiguousarray(resident_lse.detach().float().cpu().numpy())
-        best = search_pages(q, self._cent.numpy(), self._fill.numpy(), self._page_keys.numpy(), pages, n_cand,
+        best = search_pages(q, _bits(self._cent), self._fill.numpy(), _bits(self._page_keys), pages, n_cand,
                             max_pages, self.scale, lse)
         self._last_rescored = n_cand * self.page_size
         return torch.from_numpy(best).to(queries.device)
 
     def metadata_bytes_per_search(self) -> int:
-        # every leaf centroid, plus the candidate pages' keys rescored by the last search
-        return self.kv_heads * (self.num_pages + getattr(self, "_last_rescored", 0)) * self.head_dim * 4
+        # every leaf centroid, plus the candidate pages' keys rescored by the last search (bfloat16)
+        return self.kv_heads * (self.num_pages + getattr(self, "_last_rescored", 0)) * self.head_dim * 2
