@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import icecache
-from icecache.index.tree import balanced_pages
+from icecache.index.tree import balanced_pages, tree_pages
 
 
 def blobs(n_per, centers, head_dim=8, seed=0):
@@ -59,6 +59,36 @@ def test_balanced_pages_is_a_permutation_of_full_pages():
     points = torch.randn(100, 5)
     order = balanced_pages(points, 16)
     assert torch.equal(order.sort().values, torch.arange(100))
+
+
+@given(seed=st.integers(0, 1000), n=st.integers(1, 300), branching=st.integers(2, 6), depth=st.integers(0, 3))
+def test_wide_top_levels_keep_whole_pages(seed, n, branching, depth):
+    # capacity-balanced k-means at the top: a permutation, and every page but the last full
+    points = torch.randn(n, 5, generator=torch.Generator().manual_seed(seed))
+    order = tree_pages(points, 8, branching, depth)
+    assert torch.equal(order.sort().values, torch.arange(n))
+    index = icecache.get_index("tree", head_dim=5, page_size=8, branching=branching, depth=depth)
+    index.build(points.unsqueeze(0))
+    assert index.num_pages == -(-n // 8)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_wide_top_levels_keep_clusters_apart(depth):
+    # four well separated clusters of two pages each: a 4-way top split puts each in its own subtree
+    centers = [torch.full((8,), 3.0), torch.full((8,), -3.0), torch.eye(8)[0] * 5, torch.eye(8)[1] * 5]
+    points = blobs(32, centers)
+    perm = torch.randperm(128, generator=torch.Generator().manual_seed(2))
+    index = icecache.get_index("tree", head_dim=8, page_size=16, branching=4, depth=depth)
+    index.build(points[perm].unsqueeze(0))
+    cluster = perm // 32
+    for page in index.page_table[0]:
+        assert cluster[page[page >= 0]].unique().numel() == 1
+
+
+@pytest.mark.parametrize("option", [{"branching": 1}, {"branching": 2.5}, {"depth": -1}, {"depth": True}])
+def test_bad_tree_shape_options_name_the_option(option):
+    with pytest.raises(ValueError, match=next(iter(option))):
+        icecache.get_index("tree", head_dim=8, **option)
 
 
 def test_hot_tokens_get_their_own_pages():

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
+from ._clustering import kmeans_centroids
 from .base import TokenIndex, register_index
 from .token_order import GrowingBuffer
 
@@ -28,31 +28,6 @@ def _check_int(name: str, value: object, minimum: int, allow_none: bool = False)
         extra = " or None (automatic)" if allow_none else ""
         raise ValueError(f"{name} must be an int >= {minimum}{extra}, got {value!r}")
     return value
-
-
-def _kmeans(x: torch.Tensor, k: int, niter: int, seed: int) -> torch.Tensor:
-    """`k` centroids `[k, d]` of the rows of `x` (L2 k-means with faiss; on a GPU when faiss has one)."""
-    if k == 1:
-        return x.mean(0, keepdim=True)
-    import faiss
-
-    use_gpu = x.is_cuda and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-    data = np.ascontiguousarray(x.detach().float().cpu().numpy())
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    try:
-        kmeans = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, verbose=False, min_points_per_centroid=1,
-                              gpu=1 if use_gpu else False)
-        try:
-            kmeans.train(data)
-        except Exception:  # a GPU that faiss cannot use after all: the CPU gives the same answer
-            if not use_gpu:
-                raise
-            kmeans = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, verbose=False, min_points_per_centroid=1)
-            kmeans.train(data)
-    finally:
-        faiss.omp_set_num_threads(threads)
-    return torch.from_numpy(kmeans.centroids.copy()).to(x.device)
 
 
 @register_index("ivf")
@@ -114,7 +89,7 @@ class IvfIndex(TokenIndex):
         h, n, d = keys.shape
         nlist = self.nlist if self.nlist is not None else max(1, min(n // TOKENS_PER_LIST, MAX_AUTO_NLIST))
         self._lists = min(nlist, n)
-        self._centroids = torch.stack([_kmeans(keys[i], self._lists, self.niter, seed=1234 + i) for i in range(h)])
+        self._centroids = torch.stack([kmeans_centroids(keys[i], self._lists, self.niter, seed=1234 + i) for i in range(h)])
         self._sums = torch.zeros_like(self._centroids)
         self._counts = torch.zeros((h, self._lists), dtype=torch.long, device=keys.device)
         self._tail = torch.full((h, self._lists), -1, dtype=torch.long, device=keys.device)  # last page of list

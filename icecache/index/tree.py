@@ -29,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ._clustering import balanced_kmeans_groups
 from ._tree_kernels import balanced_order, insert_tokens, search_pages
 from .base import TokenIndex, register_index
 
@@ -51,6 +52,16 @@ def balanced_pages(points: torch.Tensor, page_size: int) -> torch.Tensor:
     return torch.from_numpy(order)
 
 
+def tree_pages(points: torch.Tensor, page_size: int, branching: int = 2, depth: int = 0, seed: int = 0) -> torch.Tensor:
+    """Like `balanced_pages`, with the top `depth` levels of the tree split `branching` ways by faiss
+    k-means with capacities (every child holds whole pages, so no page straddles two subtrees); below
+    them, balanced 2-means down to single pages. Returns a permutation `[n]`."""
+    if depth == 0 or points.shape[0] <= page_size:
+        return balanced_pages(points, page_size)
+    groups = balanced_kmeans_groups(points, page_size, branching, seed=seed)
+    return torch.cat([g[tree_pages(points[g], page_size, branching, depth - 1, seed + 1)] for g in groups])
+
+
 @register_index("tree")
 class TreeIndex(TokenIndex):
     """Balanced 2-means tree over augmented keys; leaves are full pages; hot pages from prefill queries.
@@ -68,6 +79,11 @@ class TreeIndex(TokenIndex):
             (one retrieved page) 16 candidates kept 3 of the 8 task answers full KV gives, 48 or 64 kept 6,
             rescoring every page 7. From budget 256 up `candidate_factor` already asks for more.
         norm_headroom: `M` = this x the largest key norm at build; later keys beyond it clamp. Default 1.2.
+        branching, depth: the top `depth` levels of each layout group's tree split `branching` ways with
+            faiss k-means (capacity-balanced: every child holds whole pages); below them, balanced
+            2-means down to single pages. Default depth 0 (2-means all the way): on the 4k recall
+            benchmark wider top levels gained nothing, and faiss top splits cost task answers
+            (benchmarks/RESULTS.md).
     """
 
     uses_build_queries = True
@@ -75,8 +91,13 @@ class TreeIndex(TokenIndex):
 
     def __init__(self, head_dim: int, page_size: int = 16, hot_pages: int = 8, candidate_factor: int = 4,
                  norm_headroom: float = 1.2, min_candidates: int = 64, hot_tiers: int = 3, hot_growth: int = 3,
-                 max_hot_share: float = 0.4) -> None:
+                 max_hot_share: float = 0.4, branching: int = 2, depth: int = 0) -> None:
         super().__init__(head_dim, page_size)
+        if not isinstance(branching, int) or isinstance(branching, bool) or branching < 2:
+            raise ValueError(f"branching must be an int >= 2, got {branching!r}")
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
+            raise ValueError(f"depth must be an int >= 0, got {depth!r}")
+        self.branching, self.depth = branching, depth
         if not isinstance(hot_pages, int) or hot_pages < 0:
             raise ValueError(f"hot_pages must be a non-negative int, got {hot_pages!r}")
         if not isinstance(hot_tiers, int) or hot_tiers < 1:
@@ -116,7 +137,8 @@ class TreeIndex(TokenIndex):
         self._pages = np.zeros(kv_heads, dtype=np.int64)
         for h in range(kv_heads):
             for tokens, features in self._layout_groups(h, keys[h], aug[h], queries):
-                self._append_pages(h, tokens[balanced_pages(features, self.page_size)], aug[h])
+                order = tree_pages(features, self.page_size, self.branching, self.depth, seed=h)
+                self._append_pages(h, tokens[order], aug[h])
 
     def _hot_tier_pages(self, pages: int) -> list[int]:
         """Pages of each hot tier, hottest first, within `max_hot_share` of `pages`."""
