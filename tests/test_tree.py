@@ -46,10 +46,10 @@ def test_centroids_stay_exact_and_pages_stay_full_enough(seed, n, inserts):
             if members.numel():
                 # stored in bfloat16 (relative precision 2^-9), from running sums
                 assert torch.allclose(cents[h, p], keys[h, members].mean(0), atol=1e-2, rtol=1e-2)
-            # each page's stored keys (bfloat16) are its members' keys, slot by slot, in its first `fill` slots
+            # each page's stored keys are its members' keys, slot by slot, in its first `fill` slots
             slots = table[h, p] >= 0
             assert torch.equal(slots, torch.arange(table.shape[2]) < index._fill[h, p])
-            assert torch.equal(index._page_keys[h, p, slots, :8], keys[h, table[h, p][slots]].bfloat16())
+            assert torch.equal(index._page_keys[h, p, slots, :8], keys[h, table[h, p][slots]])
     if pos >= 8:
         # build fills pages; a split leaves two halves, so fill never drops below one half
         assert index.page_fill() >= 0.5
@@ -151,7 +151,7 @@ def reference_masses(index, queries: torch.Tensor, max_pages: int, resident_lse=
         score = score.masked_fill(index._fill[h, :n_pages] == 0, float("-inf"))
         cand = torch.topk(score, n_cand).indices
         pos = table[h, cand].flatten()
-        keys = index._page_keys[h, cand, :, : index.head_dim].float().reshape(-1, index.head_dim)
+        keys = index._page_keys[h, cand, :, : index.head_dim].reshape(-1, index.head_dim)
         logits = (queries[h] @ keys.T) * index.scale
         logits = logits.masked_fill(pos < 0, float("-inf"))
         lse = torch.logsumexp(logits, -1)

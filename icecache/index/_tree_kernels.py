@@ -101,10 +101,10 @@ def balanced_order(points: np.ndarray, page_size: int) -> np.ndarray:
     return order
 
 
-# Search metadata (page keys, centroids) is stored as bfloat16 bits (int16 arrays: numba has no 16-bit
-# floats): the search reads half the bytes, and inside a decode step, where the model's own traffic has
-# evicted the index from the caches, memory is most of its time. Ranking by bfloat16 keys changed no
-# recall figure at 4k (benchmarks/RESULTS.md).
+# Leaf centroids are stored as bfloat16 bits (int16 arrays: numba has no 16-bit floats): they only pick
+# candidates, and inside a decode step, where the model's own traffic has evicted the index from the
+# caches, scoring every leaf costs mostly memory. Page keys stay float32: the exact rescoring ranks near
+# ties, and bfloat16 keys there cost a task answer at budget 64 (benchmarks/RESULTS.md).
 @numba.njit(cache=True)
 def _encode_bf16(values: np.ndarray, out: np.ndarray) -> None:
     """`out[i]` = bfloat16 bits of float32 `values[i]` (round to nearest even, as torch rounds)."""
@@ -137,13 +137,12 @@ def insert_tokens(new_keys, start, table, fill, sums, centroids, page_keys, n_pa
     """Route new tokens (augmented rows `new_keys` `[kv, m, d + 1]`, positions `start .. start + m - 1`)
     into the nearest leaf of each head; a full leaf splits in two by balanced 2-means (one half keeps the
     page, the other opens page `n_pages[h]`). Keeps `centroids` `[kv, d, cap]` and `page_keys`
-    `[kv, cap, page_size, d + 1]` (each page's augmented keys, slot by slot; both bfloat16 bits) in step
-    with `table` (the float32 running `sums` `[kv, cap, d + 1]` route tokens and give centroids),
+    `[kv, cap, page_size, d + 1]` (each page's augmented keys, slot by slot) in step with `table` (the
+    running `sums` `[kv, cap, d + 1]` route tokens and give the bfloat16 centroids),
     and marks touched pages in `changed` `[kv, capacity]`. Capacity must already fit `n_pages + m` pages."""
     kv_heads, _, page_size = table.shape
     dim = new_keys.shape[2]
     head_dim = centroids.shape[1]
-    scratch = np.empty(page_size * dim, np.uint32)
     for i in range(new_keys.shape[1]):
         pos = start + i
         for h in range(kv_heads):
@@ -165,7 +164,7 @@ def insert_tokens(new_keys, start, table, fill, sums, centroids, page_keys, n_pa
                 for s in range(page_size):
                     if table[h, best, s] < 0:
                         table[h, best, s] = pos
-                        _encode_bf16(point, page_keys[h, best, s])
+                        page_keys[h, best, s] = point
                         break
                 fill[h, best] += 1
                 sums[h, best] += point
@@ -176,9 +175,8 @@ def insert_tokens(new_keys, start, table, fill, sums, centroids, page_keys, n_pa
             members = np.empty(page_size + 1, np.int64)
             members[:page_size] = table[h, best]
             members[page_size] = pos
-            # the leaf's keys come back from bfloat16: neither 2-means nor the running sums need more
-            sub = np.empty((page_size + 1, dim), np.float32)
-            sub[:page_size] = _decode_bf16(page_keys[h, best].reshape(-1), scratch).reshape(page_size, dim)
+            sub = np.empty((page_size + 1, dim), page_keys.dtype)
+            sub[:page_size] = page_keys[h, best]
             sub[page_size] = point
             half = (page_size + 2) // 2
             order = balanced_order(sub, half)
@@ -186,15 +184,15 @@ def insert_tokens(new_keys, start, table, fill, sums, centroids, page_keys, n_pa
             n_pages[h] += 1
             table[h, best] = -1
             table[h, new] = -1
-            page_keys[h, best] = 0
-            page_keys[h, new] = 0
+            page_keys[h, best] = 0.0
+            page_keys[h, new] = 0.0
             sums[h, best] = 0.0
             sums[h, new] = 0.0
             for r in range(page_size + 1):
                 page = best if r < half else new
                 slot = r if r < half else r - half
                 table[h, page, slot] = members[order[r]]
-                _encode_bf16(sub[order[r]], page_keys[h, page, slot])
+                page_keys[h, page, slot] = sub[order[r]]
                 sums[h, page] += sub[order[r]]
             fill[h, best] = half
             fill[h, new] = page_size + 1 - half
@@ -260,7 +258,7 @@ def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages
 
     queries `[kv, g, d]`; centroids `[kv, d, cap]`; fill `[kv, cap]` (a page's tokens sit in its first
     `fill` slots); page_keys `[kv, cap, page_size, d + 1]` (each page's augmented keys stored together, so
-    a candidate page is one contiguous read). Centroids and page keys are bfloat16 bits. Ranks the first `n_pages` leaves by `max_g q_g . centroid`,
+    a candidate page is one contiguous read). Centroids are bfloat16 bits. Ranks the first `n_pages` leaves by `max_g q_g . centroid`,
     rescores the tokens of the best `n_cand` exactly (a softmax per query head over the candidates' tokens
     plus the resident tokens, whose log-sum-exp `resident_lse` `[kv, g]` the runtime gives, -inf for
     none), and returns the `min(max_pages, n_cand)` candidates holding the most attention mass, best
@@ -273,8 +271,7 @@ def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages
     out = np.empty((kv_heads, k), np.int64)
     score = np.empty(n_pages, np.float32)
     partial = np.empty((group, n_pages), np.float32)
-    width = page_keys.shape[3]
-    scratch = np.empty(max(n_pages, page_size * width), np.uint32)  # one decoded row or page
+    scratch = np.empty(n_pages, np.uint32)  # one decoded row of centroids
     logits = np.empty((group, n_cand * page_size), np.float32)
     bits = np.empty(n_cand * page_size, np.int32)
     top = np.empty(group, np.float32)
@@ -301,13 +298,12 @@ def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages
         for c in range(n_cand):
             used = fill[h, cand[c]]  # a page's tokens sit in its first `fill` slots
             base = c * page_size
-            keys = _decode_bf16(page_keys[h, cand[c], :used].reshape(-1), scratch)
             for s in range(page_size):
                 if s >= used:
                     for g in range(group):
                         logits[g, base + s] = -np.inf
                     continue
-                key = keys[s * width : (s + 1) * width]
+                key = page_keys[h, cand[c], s]
                 for g in range(group):
                     a = np.float32(0.0)
                     for j in range(dim):

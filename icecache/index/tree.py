@@ -128,12 +128,12 @@ class TreeIndex(TokenIndex):
         self._table = torch.full((kv_heads, cap, self.page_size), -1, dtype=torch.long)
         self._fill = torch.zeros(kv_heads, cap, dtype=torch.long)
         self._sums = torch.zeros(kv_heads, cap, d + 1)
-        # centroids column by column, `[kv, d, pages]`: scoring every page streams contiguous memory
+        # centroids column by column, `[kv, d, pages]`: scoring every page streams contiguous memory. In
+        # bfloat16: they only pick candidates, and the search reads half the bytes (see _tree_kernels)
         self._cent = torch.zeros(kv_heads, d, cap, dtype=torch.bfloat16)
         # every page's augmented keys stored together, `[kv, pages, page_size, d + 1]` (slot by slot, like
-        # the table): search reads a candidate page as one contiguous block instead of 16 scattered rows.
-        # Both in bfloat16: the search reads half the bytes, with the same recall (see _tree_kernels)
-        self._page_keys = torch.zeros(kv_heads, cap, self.page_size, d + 1, dtype=torch.bfloat16)
+        # the table): search reads a candidate page as one contiguous block instead of 16 scattered rows
+        self._page_keys = torch.zeros(kv_heads, cap, self.page_size, d + 1)
         self._pages = np.zeros(kv_heads, dtype=np.int64)
         for h in range(kv_heads):
             for tokens, features in self._layout_groups(h, keys[h], aug[h], queries):
@@ -183,7 +183,7 @@ class TreeIndex(TokenIndex):
         self._table[h, first : first + count] = block
         self._fill[h, first : first + count] = valid.sum(1)
         page_keys = aug[block.clamp(min=0)] * valid.unsqueeze(-1)  # [count, page_size, d + 1]
-        self._page_keys[h, first : first + count] = page_keys.to(torch.bfloat16)
+        self._page_keys[h, first : first + count] = page_keys
         sums = page_keys.sum(1)
         self._sums[h, first : first + count] = sums
         means = sums[:, : self.head_dim] / valid.sum(1, keepdim=True).clamp(min=1)
@@ -211,7 +211,7 @@ class TreeIndex(TokenIndex):
         self._ensure_capacity(int(self._pages.max()) + keys.shape[1])
         changed = np.zeros(self._fill.shape, dtype=np.bool_)
         insert_tokens(new_keys, self.num_tokens, self._table.numpy(), self._fill.numpy(), self._sums.numpy(),
-                      _bits(self._cent), _bits(self._page_keys), self._pages, changed)
+                      _bits(self._cent), self._page_keys.numpy(), self._pages, changed)
         return torch.from_numpy(np.flatnonzero(changed.any(0)))
 
     # -- search ----------------------------------------------------------------------------------
@@ -241,11 +241,11 @@ class TreeIndex(TokenIndex):
             lse = np.full(q.shape[:2], -np.inf, np.float32)
         else:
             lse = np.ascontiguousarray(resident_lse.detach().float().cpu().numpy())
-        best = search_pages(q, _bits(self._cent), self._fill.numpy(), _bits(self._page_keys), pages, n_cand,
+        best = search_pages(q, _bits(self._cent), self._fill.numpy(), self._page_keys.numpy(), pages, n_cand,
                             max_pages, self.scale, lse)
         self._last_rescored = n_cand * self.page_size
         return torch.from_numpy(best).to(queries.device)
 
     def metadata_bytes_per_search(self) -> int:
-        # every leaf centroid, plus the candidate pages' keys rescored by the last search (bfloat16)
-        return self.kv_heads * (self.num_pages + getattr(self, "_last_rescored", 0)) * self.head_dim * 2
+        # every leaf centroid (bfloat16), plus the candidate pages' keys rescored by the last search
+        return self.kv_heads * (self.num_pages * 2 + getattr(self, "_last_rescored", 0) * 4) * self.head_dim
