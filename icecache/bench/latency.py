@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..index import available_indexes
 from ..runtime import IceRuntime, full_kv_copy, shared_prefill
+from ..runtime.tiers import TransferStats
 from .common import environment, prompt_ids, table
 
 FULL = "full KV"
@@ -27,6 +28,8 @@ def _time_decode(model, cache, first_token: torch.Tensor, steps: int, warmup: in
         if i == warmup:
             if token.device.type == "cuda":
                 torch.cuda.synchronize()
+            for layer in getattr(cache, "sparse_layers", ()):  # phase times, like the step time, skip warm-up
+                layer.stats = TransferStats()
             start = time.perf_counter()
         logits = model(token, cache=cache, logits_to_keep=1).logits
         token = logits[:, -1:].argmax(-1)
