@@ -28,7 +28,7 @@ def test_generate_with_budget_covering_everything_equals_full_kv(smollm, prompt_
     model, _ = smollm
     runtime = icecache.IceRuntime(index=name, budget=prompt_ids.shape[1] + 12)
     cache = runtime.new_cache(model)
-    out = model.generate(prompt_ids, past_key_values=cache, max_new_tokens=12, do_sample=False)
+    out = model.generate(prompt_ids, cache=cache, max_new_tokens=12, do_sample=False)
     assert torch.equal(out, full_kv_tokens)
     report = runtime.report(cache)
     assert report.transfers.steps == 11 * (model.config.num_hidden_layers - runtime.dense_layers)
@@ -53,7 +53,7 @@ def test_small_budget_decodes_and_keeps_device_tier_small(smollm, prompt_ids):
     model, _ = smollm
     runtime = icecache.IceRuntime(index="exact", budget=64)
     cache = runtime.new_cache(model)
-    out = model.generate(prompt_ids, past_key_values=cache, max_new_tokens=6, do_sample=False)
+    out = model.generate(prompt_ids, cache=cache, max_new_tokens=6, do_sample=False)
     assert out.shape[1] == prompt_ids.shape[1] + 6
     report = runtime.report(cache)
     assert report.device_kv_bytes < report.full_kv_bytes / 2

@@ -108,9 +108,10 @@ class IceRuntime:
     def new_cache(self, model: torch.nn.Module, prefill: Cache | None = None) -> IceCache:
         """A fresh cache for one generation with `model`, whose attention is routed through icecache.
 
-        Pass it as `past_key_values=` to `model.generate` or `model(...)`. With `prefill` (a cache that
-        already holds a prompt's K/V, e.g. another runtime's), the new cache starts from those tokens and
-        builds its own indexes, so several runtimes can share one dense prefill. When `prefill` is an
+        Pass it as `cache=` (transformers 5; `past_key_values=` before) to `model.generate` or
+        `model(...)`. With `prefill` (a cache that already holds a prompt's K/V, e.g. another runtime's),
+        the new cache starts from those tokens and builds its own indexes, so several runtimes can share
+        one dense prefill. When `prefill` is an
         IceCache whose indexes this runtime would build identically (same index, options, page size,
         sink and window; any budget), they are copied instead of rebuilt.
         """
