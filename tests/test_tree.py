@@ -55,6 +55,20 @@ def test_centroids_stay_exact_and_pages_stay_full_enough(seed, n, inserts):
         assert index.page_fill() >= 0.5
 
 
+def test_bfloat16_bits_round_like_torch():
+    # build stores centroids with torch's rounding, inserts with the compiled encoder: they must agree
+    import numpy as np
+
+    from icecache.index._tree_kernels import _decode_bf16, _encode_bf16
+
+    values = torch.cat([torch.randn(1000) * 10, torch.tensor([0.0, -0.0, 1e-30, -3e38, 65504.0])])
+    bits = np.empty(values.numel(), np.int16)
+    _encode_bf16(values.numpy(), bits)
+    assert np.array_equal(bits, values.bfloat16().view(torch.int16).numpy())
+    decoded = _decode_bf16(bits, np.empty(values.numel(), np.uint32))
+    assert np.array_equal(decoded, values.bfloat16().float().numpy())
+
+
 def test_balanced_pages_is_a_permutation_of_full_pages():
     points = torch.randn(100, 5)
     order = balanced_pages(points, 16)

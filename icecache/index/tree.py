@@ -19,7 +19,10 @@ the runtime's `resident_lse`). Insert routes a token to the leaf with the neares
 in two by 2-means (one half keeps the page id, the other gets a new page).
 
 Each page's keys are stored together (`[kv_heads, pages, page_size, d + 1]`, like the page table), so the
-search reads a candidate page as one contiguous block. Tree building, token routing and the search are
+search reads a candidate page as one contiguous block; leaf centroids, which only pick candidates, are
+stored in bfloat16, so scoring every leaf reads half the bytes. Options `branching` and `depth` widen the
+tree's top levels (faiss k-means, capacity-balanced to whole pages); binary stays the default, as wider
+top levels lost recall on the recall benchmark (benchmarks/RESULTS.md). Tree building, token routing and the search are
 many tiny branchy steps, compiled with numba on the host (`_tree_kernels.py`): as small torch ops the
 search cost 0.7 ms per layer at 8k, almost all per-op overhead; compiled it costs about 0.2 ms.
 """
