@@ -230,9 +230,10 @@ _LOG2E = np.float32(1.4426950408889634)
 
 @numba.njit(cache=True, fastmath=_FAST)
 def _exp_nonpositive(x: np.ndarray, bits: np.ndarray) -> None:
-    """In place `x = exp(x)` for `x <= 0` (float32, relative error below 4e-6; below -87 -> ~1e-38): a polynomial
-    for 2^f on [-0.5, 0.5] and the exponent written as bits, so the loop vectorises (a scalar `exp` call
-    per token cost a quarter of the search). `bits` is int32 scratch of the same length."""
+    """In place `x = exp(x)` for `x <= 0` (float32, relative error below 4e-6; below -87 gives ~1e-38,
+    which no page ranking notices): a polynomial for 2^f on [-0.5, 0.5] and the exponent written as bits,
+    so the loop vectorises (a scalar `exp` call per token cost a quarter of the search). `bits` is int32
+    scratch of the same length."""
     n = x.shape[0]
     for i in range(n):
         t = max(x[i], np.float32(-87.0)) * _LOG2E
@@ -256,10 +257,10 @@ def _exp_nonpositive(x: np.ndarray, bits: np.ndarray) -> None:
 def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages, scale, resident_lse):
     """The tree's search for every KV head in one compiled pass (`TreeIndex._search`).
 
-    queries `[kv, g, d]`; centroids `[kv, d, cap]`; fill `[kv, cap]` (a page's tokens sit in its first
-    `fill` slots); page_keys `[kv, cap, page_size, d + 1]` (each page's augmented keys stored together, so
-    a candidate page is one contiguous read). Centroids are bfloat16 bits. Ranks the first `n_pages` leaves by `max_g q_g . centroid`,
-    rescores the tokens of the best `n_cand` exactly (a softmax per query head over the candidates' tokens
+    queries `[kv, g, d]`; centroids `[kv, d, cap]` (bfloat16 bits); fill `[kv, cap]` (a page's tokens sit
+    in its first `fill` slots); page_keys `[kv, cap, page_size, d + 1]` (each page's augmented keys stored
+    together, so a candidate page is one contiguous read). Ranks the first `n_pages` leaves by
+    `max_g q_g . centroid`, rescores the tokens of the best `n_cand` exactly (a softmax per query head over the candidates' tokens
     plus the resident tokens, whose log-sum-exp `resident_lse` `[kv, g]` the runtime gives, -inf for
     none), and returns the `min(max_pages, n_cand)` candidates holding the most attention mass, best
     first, `[kv, k]` int64. Empty pages rank last. Inner loops run along contiguous memory (pages in
