@@ -69,6 +69,20 @@ def test_bfloat16_bits_round_like_torch():
     assert np.array_equal(decoded, values.bfloat16().float().numpy())
 
 
+def test_vectorised_exp_matches_numpy():
+    import numpy as np
+
+    from icecache.index._tree_kernels import _exp_nonpositive
+
+    x = np.concatenate([-np.random.default_rng(0).random(5000, dtype=np.float32) * 100, np.float32([0, -1e-9, -np.inf])])
+    got = x.copy()
+    _exp_nonpositive(got, np.empty(x.size, np.int32))
+    exact = np.exp(x.astype(np.float64))
+    normal = x > -80
+    assert np.max(np.abs(got[normal] - exact[normal]) / exact[normal]) < 1e-5
+    assert np.all((got[~normal] >= 0) & (got[~normal] < 1e-34))  # -inf (an empty slot) counts as nothing
+
+
 def test_balanced_pages_is_a_permutation_of_full_pages():
     points = torch.randn(100, 5)
     order = balanced_pages(points, 16)
