@@ -74,7 +74,8 @@ def test_vectorised_exp_matches_numpy():
 
     from icecache.index._tree_kernels import _exp_nonpositive
 
-    x = np.concatenate([-np.random.default_rng(0).random(5000, dtype=np.float32) * 100, np.float32([0, -1e-9, -np.inf])])
+    x = -np.random.default_rng(0).random(5000, dtype=np.float32) * 100
+    x = np.concatenate([x, np.float32([0, -1e-9, -np.inf])])
     got = x.copy()
     _exp_nonpositive(got, np.empty(x.size, np.int32))
     exact = np.exp(x.astype(np.float64))

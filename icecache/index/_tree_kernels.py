@@ -260,9 +260,9 @@ def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages
     queries `[kv, g, d]`; centroids `[kv, d, cap]` (bfloat16 bits); fill `[kv, cap]` (a page's tokens sit
     in its first `fill` slots); page_keys `[kv, cap, page_size, d + 1]` (each page's augmented keys stored
     together, so a candidate page is one contiguous read). Ranks the first `n_pages` leaves by
-    `max_g q_g . centroid`, rescores the tokens of the best `n_cand` exactly (a softmax per query head over the candidates' tokens
-    plus the resident tokens, whose log-sum-exp `resident_lse` `[kv, g]` the runtime gives, -inf for
-    none), and returns the `min(max_pages, n_cand)` candidates holding the most attention mass, best
+    `max_g q_g . centroid`, rescores the tokens of the best `n_cand` exactly (a softmax per query head
+    over the candidates' tokens plus the resident tokens, whose log-sum-exp `resident_lse` `[kv, g]` the
+    runtime gives, -inf for none), and returns the `min(max_pages, n_cand)` candidates holding the most attention mass, best
     first, `[kv, k]` int64. Empty pages rank last. Inner loops run along contiguous memory (pages in
     step 1, a key's dimensions in step 2, candidate tokens in step 3), so they vectorise.
     """
