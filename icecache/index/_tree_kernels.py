@@ -10,6 +10,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+# reassociation and contraction let the dot products use SIMD lanes; no `ninf`: empty slots are -inf
+_FAST = {"reassoc", "contract", "arcp", "nsz"}
+
 _LLOYD_ITERS = 2
 _POWER_ITERS = 2
 
@@ -132,7 +135,7 @@ def _refresh_centroid(sums, fill, centroids, h, page, head_dim):
     _encode_bf16(mean.astype(np.float32), centroids[h, :, page])
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath=_FAST)
 def insert_tokens(new_keys, start, table, fill, sums, centroids, page_keys, n_pages, changed):
     """Route new tokens (augmented rows `new_keys` `[kv, m, d + 1]`, positions `start .. start + m - 1`)
     into the nearest leaf of each head; a full leaf splits in two by balanced 2-means (one half keeps the
@@ -151,9 +154,11 @@ def insert_tokens(new_keys, start, table, fill, sums, centroids, page_keys, n_pa
             for p in range(n_pages[h]):
                 if fill[h, p] == 0:
                     continue
+                # one division per page, not per dimension: routing runs every decode step of every layer
+                inv = 1.0 / fill[h, p]
                 dist = 0.0
                 for j in range(dim):
-                    diff = sums[h, p, j] / fill[h, p] - point[j]
+                    diff = sums[h, p, j] * inv - point[j]
                     dist += diff * diff
                 if dist < best_dist:
                     best, best_dist = p, dist
@@ -221,9 +226,6 @@ def _top_indices(values: np.ndarray, k: int) -> np.ndarray:
             taken += 1
     return out
 
-
-# reassociation and contraction let the dot products use SIMD lanes; no `ninf`: empty slots are -inf
-_FAST = {"reassoc", "contract", "arcp", "nsz"}
 
 _LOG2E = np.float32(1.4426950408889634)
 

@@ -42,10 +42,13 @@ def _bits(values: torch.Tensor) -> np.ndarray:
     return values.view(torch.int16).numpy()
 
 
-def augment(keys: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """`[..., d] -> [..., d + 1]`: `[k, sqrt(M^2 - |k|^2)]`, so L2 neighbours are inner-product neighbours."""
-    extra = (max_norm**2 - keys.pow(2).sum(-1, keepdim=True)).clamp(min=0).sqrt()
-    return torch.cat([keys, extra], dim=-1)
+def augment(keys: np.ndarray, max_norm: float) -> np.ndarray:
+    """float32 `[..., d] -> [..., d + 1]`: `[k, sqrt(M^2 - |k|^2)]`, so L2 neighbours are inner-product
+    neighbours. numpy: inserts augment one token per decode step and layer, where torch's per-op
+    overhead would cost several times the work."""
+    keys = np.asarray(keys, dtype=np.float32)
+    extra = np.sqrt(np.maximum(np.float32(max_norm) ** 2 - np.square(keys).sum(-1, keepdims=True), 0))
+    return np.concatenate([keys, extra.astype(np.float32)], axis=-1)
 
 
 def balanced_pages(points: torch.Tensor, page_size: int) -> torch.Tensor:
@@ -125,7 +128,7 @@ class TreeIndex(TokenIndex):
         kv_heads, n, d = keys.shape
         keys = keys.detach().float().cpu()  # the tree's bookkeeping lives on the host
         self.max_norm = float(keys.norm(dim=-1).max()) * self.norm_headroom if n else 1.0
-        aug = augment(keys, self.max_norm)
+        aug = torch.from_numpy(augment(keys.numpy(), self.max_norm))
         # headroom for the pages decode-time splits open: growing copies every per-page array at once
         cap = max(-(-n // self.page_size) * 5 // 4 + 8, 8)
         self._table = torch.full((kv_heads, cap, self.page_size), -1, dtype=torch.long)
@@ -210,8 +213,8 @@ class TreeIndex(TokenIndex):
     # -- insert ----------------------------------------------------------------------------------
 
     def _insert(self, keys: torch.Tensor) -> torch.Tensor:
-        new_keys = augment(keys.detach().float().cpu(), self.max_norm).numpy()
-        self._ensure_capacity(int(self._pages.max()) + keys.shape[1])
+        new_keys = augment(keys.detach().float().cpu().numpy(), self.max_norm)
+        self._ensure_capacity(self.num_pages + keys.shape[1])
         changed = np.zeros(self._fill.shape, dtype=np.bool_)
         insert_tokens(new_keys, self.num_tokens, self._table.numpy(), self._fill.numpy(), self._sums.numpy(),
                       _bits(self._cent), self._page_keys.numpy(), self._pages, changed)
