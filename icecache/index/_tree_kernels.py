@@ -10,6 +10,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from ._tree_nodes import add_key_to_ancestors, descend, leaf_stats, open_leaf
+
 # reassociation and contraction let the dot products use SIMD lanes; no `ninf`: empty slots are -inf
 _FAST = {"reassoc", "contract", "arcp", "nsz"}
 
@@ -136,13 +138,16 @@ def _refresh_centroid(sums, fill, centroids, h, page, head_dim):
 
 
 @numba.njit(cache=True, fastmath=_FAST)
-def insert_tokens(new_keys, start, table, fill, sums, centroids, page_keys, n_pages, changed):
+def insert_tokens(new_keys, start, table, fill, sums, centroids, page_keys, n_pages, changed, nodes):
     """Route new tokens (augmented rows `new_keys` `[kv, m, d + 1]`, positions `start .. start + m - 1`)
     into the nearest leaf of each head; a full leaf splits in two by balanced 2-means (one half keeps the
     page, the other opens page `n_pages[h]`). Keeps `centroids` `[kv, d, cap]` and `page_keys`
     `[kv, cap, page_size, d + 1]` (each page's augmented keys, slot by slot) in step with `table` (the
     running `sums` `[kv, cap, d + 1]` route tokens and give the bfloat16 centroids),
-    and marks touched pages in `changed` `[kv, capacity]`. Capacity must already fit `n_pages + m` pages."""
+    and marks touched pages in `changed` `[kv, capacity]`. The node hierarchy `nodes` (`_tree_nodes`)
+    follows: the leaf's stats are recomputed, its ancestors count the key, and a split's new leaf joins the
+    old leaf's parent. Capacity must already fit `n_pages + m` pages."""
+    node_parent, first_child, next_sibling, node_page, page_node, nsums, counts, centers, radii, n_nodes = nodes
     kv_heads, _, page_size = table.shape
     dim = new_keys.shape[2]
     head_dim = centroids.shape[1]
@@ -162,9 +167,10 @@ def insert_tokens(new_keys, start, table, fill, sums, centroids, page_keys, n_pa
                     dist += diff * diff
                 if dist < best_dist:
                     best, best_dist = p, dist
-            if best < 0:  # empty head: open the first page
+            if best < 0:  # empty head: open the first page, a leaf under the root
                 best = n_pages[h]
                 n_pages[h] += 1
+                open_leaf(h, 0, best, node_parent, first_child, next_sibling, node_page, page_node, n_nodes)
             if fill[h, best] < page_size:
                 for s in range(page_size):
                     if table[h, best, s] < 0:
@@ -175,6 +181,9 @@ def insert_tokens(new_keys, start, table, fill, sums, centroids, page_keys, n_pa
                 sums[h, best] += point
                 _refresh_centroid(sums, fill, centroids, h, best, head_dim)
                 changed[h, best] = True
+                leaf = page_node[h, best]
+                leaf_stats(h, leaf, best, fill, page_keys, nsums, counts, centers, radii)
+                add_key_to_ancestors(h, node_parent[h, leaf], point, node_parent, nsums, counts, centers, radii)
                 continue
             # split: the full leaf plus the new token, halves by balanced 2-means
             members = np.empty(page_size + 1, np.int64)
@@ -205,6 +214,13 @@ def insert_tokens(new_keys, start, table, fill, sums, centroids, page_keys, n_pa
             _refresh_centroid(sums, fill, centroids, h, new, head_dim)
             changed[h, best] = True
             changed[h, new] = True
+            leaf = page_node[h, best]
+            parent = node_parent[h, leaf]
+            sibling = open_leaf(h, parent, new, node_parent, first_child, next_sibling, node_page, page_node,
+                                n_nodes)
+            leaf_stats(h, leaf, best, fill, page_keys, nsums, counts, centers, radii)
+            leaf_stats(h, sibling, new, fill, page_keys, nsums, counts, centers, radii)
+            add_key_to_ancestors(h, parent, point, node_parent, nsums, counts, centers, radii)
 
 
 @numba.njit(cache=True)
@@ -256,6 +272,57 @@ def _exp_nonpositive(x: np.ndarray, bits: np.ndarray) -> None:
 
 
 @numba.njit(cache=True, fastmath=_FAST)
+def _rescore(q, h, cand, n_cand, fill, page_keys, scale, resident_lse, logits, bits, top, mass, out):
+    """Scores the tokens of the candidate pages `cand[:n_cand]` exactly (a softmax per query head over them
+    plus the resident tokens) and writes into `out` the candidates holding the most attention mass,
+    summed over the group, best first; empty pages rank last."""
+    group, dim = q.shape
+    page_size = page_keys.shape[2]
+    k = out.shape[0]
+    # 1) logits of every token of the candidates, a page at a time
+    top[:] = -np.inf
+    for c in range(n_cand):
+        used = fill[h, cand[c]]  # a page's tokens sit in its first `fill` slots
+        base = c * page_size
+        for s in range(page_size):
+            if s >= used:
+                for g in range(group):
+                    logits[g, base + s] = -np.inf
+                continue
+            key = page_keys[h, cand[c], s]
+            for g in range(group):
+                a = np.float32(0.0)
+                for j in range(dim):
+                    a += q[g, j] * key[j]
+                a *= scale
+                logits[g, base + s] = a
+                top[g] = max(top[g], a)
+    # 2) softmax per query head over the candidate tokens (and the resident ones); mass per page, summed
+    # over the group
+    mass[:] = 0.0
+    for g in range(group):
+        row = logits[g, : n_cand * page_size]
+        for i in range(row.shape[0]):
+            row[i] -= top[g]
+        _exp_nonpositive(row, bits)
+        total = np.exp(resident_lse[h, g] - top[g]) if resident_lse[h, g] > -np.inf else 0.0
+        for i in range(row.shape[0]):
+            total += row[i]
+        inv = 1.0 / total
+        for c in range(n_cand):
+            m = np.float32(0.0)
+            for s in range(page_size):
+                m += row[c * page_size + s]
+            mass[c] += m * inv
+    for c in range(n_cand):
+        if fill[h, cand[c]] == 0:
+            mass[c] = -1.0  # empty pages last
+    best_idx = np.argsort(-mass[:n_cand])[:k]
+    for j in range(k):
+        out[j] = cand[best_idx[j]]
+
+
+@numba.njit(cache=True, fastmath=_FAST)
 def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages, scale, resident_lse):
     """The tree's search for every KV head in one compiled pass (`TreeIndex._search`).
 
@@ -296,45 +363,39 @@ def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages
                 best = max(best, partial[g, p])
             score[p] = best if fill[h, p] > 0 else -np.inf
         cand = _top_indices(score, n_cand)  # unordered: the rescoring ranks them
-        # 2) logits of every token of the candidates, a page at a time
-        top[:] = -np.inf
-        for c in range(n_cand):
-            used = fill[h, cand[c]]  # a page's tokens sit in its first `fill` slots
-            base = c * page_size
-            for s in range(page_size):
-                if s >= used:
-                    for g in range(group):
-                        logits[g, base + s] = -np.inf
-                    continue
-                key = page_keys[h, cand[c], s]
-                for g in range(group):
-                    a = np.float32(0.0)
-                    for j in range(dim):
-                        a += q[g, j] * key[j]
-                    a *= scale
-                    logits[g, base + s] = a
-                    top[g] = max(top[g], a)
-        # 3) softmax per query head over the candidate tokens (and the resident ones); mass per page,
-        # summed over the group
-        mass[:] = 0.0
-        for g in range(group):
-            row = logits[g]
-            for i in range(row.shape[0]):
-                row[i] -= top[g]
-            _exp_nonpositive(row, bits)
-            total = np.exp(resident_lse[h, g] - top[g]) if resident_lse[h, g] > -np.inf else 0.0
-            for i in range(row.shape[0]):
-                total += row[i]
-            inv = 1.0 / total
-            for c in range(n_cand):
-                m = np.float32(0.0)
-                for s in range(page_size):
-                    m += row[c * page_size + s]
-                mass[c] += m * inv
-        for c in range(n_cand):
-            if score[cand[c]] == -np.inf:
-                mass[c] = -1.0  # empty pages last
-        best_idx = np.argsort(-mass)[:k]
-        for j in range(k):
-            out[h, j] = cand[best_idx[j]]
+        _rescore(q, h, cand, n_cand, fill, page_keys, scale, resident_lse, logits, bits, top, mass, out[h])
     return out
+
+
+@numba.njit(cache=True)
+def search_pages_descent(queries, nodes, fill, page_keys, n_pages, n_cand, max_pages, scale, resident_lse):
+    """`search_pages` with the candidates found by a best-first descent of the node hierarchy
+    (`_tree_nodes.descend`: the same top-`n_cand` leaves by centroid score, found without scoring the
+    subtrees whose bound cannot reach them) instead of a scan of every leaf. Returns the pages `[kv, k]`
+    and the number of nodes scored, summed over the heads."""
+    node_parent, first_child, next_sibling, node_page, page_node, nsums, counts, centers, radii, n_nodes = nodes
+    kv_heads, group, dim = queries.shape
+    page_size = page_keys.shape[2]
+    k = min(max_pages, n_cand)
+    out = np.empty((kv_heads, k), np.int64)
+    cand = np.empty(n_cand, np.int64)
+    heap_keys = np.empty(node_parent.shape[1], np.float32)
+    heap_items = np.empty(node_parent.shape[1], np.int64)
+    logits = np.empty((group, n_cand * page_size), np.float32)
+    bits = np.empty(n_cand * page_size, np.int32)
+    top = np.empty(group, np.float32)
+    mass = np.empty(n_cand, np.float64)
+    scored_total = 0
+    for h in range(kv_heads):
+        q = queries[h]
+        found, scored = descend(q, h, n_cand, first_child, next_sibling, node_page, counts, centers, radii,
+                                n_nodes, cand, heap_keys, heap_items)
+        scored_total += scored
+        p = 0
+        while found < n_cand and p < n_pages:  # a head with fewer pages: pad with empty ones, as the scan
+            if fill[h, p] == 0:
+                cand[found] = p
+                found += 1
+            p += 1
+        _rescore(q, h, cand, found, fill, page_keys, scale, resident_lse, logits, bits, top, mass, out[h])
+    return out, scored_total

@@ -11,12 +11,20 @@ attend to are the ones a decode step needs together (see shared FINDINGS; the pr
 +0.02 recall at 4k over key clustering of the same tiers, benchmarks/RESULTS.md). The remaining tokens
 are clustered by key.
 
-Search scores every leaf centroid against the group's queries (at these page counts one matmul over the
-leaves is cheaper than a descent, and FINDINGS showed loose bounds rank badly), keeps
+Above the leaves sits a node hierarchy (`_tree_nodes.py`): the root, one subtree per layout group, then
+the balanced splits down to pages. Every node keeps the count, centre and a radius bounding `|k - c|` for
+every key below it, so `q . c + |q| r` bounds every token and every page centroid below it.
+
+Search (default `search="scan"`) scores every leaf centroid against the group's queries, keeps
 `candidate_factor x max_pages` candidate pages, scores their tokens exactly and returns the pages holding
 the most attention mass (each query head's softmax also counting the resident sink and window, through
-the runtime's `resident_lse`). Insert routes a token to the leaf with the nearest centroid; a full leaf splits
-in two by 2-means (one half keeps the page id, the other gets a new page).
+the runtime's `resident_lse`). `search="descent"` finds the same candidates by a best-first descent
+from the root that skips subtrees whose bound cannot reach them; on the model's real 64-dimensional keys
+the bound prunes almost nothing at 8k (the descent scored 99.9% of the nodes and took 2.5x the scan's
+time, benchmarks/RESULTS.md), so the scan stays the default. Insert routes a token to the leaf with the
+nearest centroid; a full leaf splits in two by 2-means (one half keeps the page id, the other gets a new
+page and a new leaf under the same parent), and the nodes above count the key, their radii kept valid
+without a rescan.
 
 Each page's keys are stored together (`[kv_heads, pages, page_size, d + 1]`, like the page table), so the
 search reads a candidate page as one contiguous block; leaf centroids, which only pick candidates, are
@@ -33,7 +41,8 @@ import numpy as np
 import torch
 
 from ._clustering import balanced_kmeans_groups
-from ._tree_kernels import balanced_order, insert_tokens, search_pages
+from ._tree_kernels import balanced_order, insert_tokens, search_pages, search_pages_descent
+from ._tree_nodes import build_nodes
 from .base import TokenIndex, register_index
 
 
@@ -90,6 +99,10 @@ class TreeIndex(TokenIndex):
             2-means down to single pages. Default depth 0 (2-means all the way): on the 4k recall
             benchmark wider top levels gained nothing, and faiss top splits cost task answers
             (benchmarks/RESULTS.md).
+        search: "scan" (default) scores every leaf centroid to pick the candidates; "descent" finds the
+            same candidates by a bounded best-first descent of the node hierarchy. Both then rescore the
+            candidates exactly. On this model's keys at 8k the bound prunes almost nothing, and the
+            descent costs 2.5x the scan (benchmarks/RESULTS.md).
     """
 
     uses_build_queries = True
@@ -97,8 +110,11 @@ class TreeIndex(TokenIndex):
 
     def __init__(self, head_dim: int, page_size: int = 16, hot_pages: int = 8, candidate_factor: int = 4,
                  norm_headroom: float = 1.2, min_candidates: int = 64, hot_tiers: int = 3, hot_growth: int = 3,
-                 max_hot_share: float = 0.4, branching: int = 2, depth: int = 0) -> None:
+                 max_hot_share: float = 0.4, branching: int = 2, depth: int = 0, search: str = "scan") -> None:
         super().__init__(head_dim, page_size)
+        if search not in ("scan", "descent"):
+            raise ValueError(f"search must be 'scan' or 'descent', got {search!r}")
+        self.search_mode = search
         if not isinstance(branching, int) or isinstance(branching, bool) or branching < 2:
             raise ValueError(f"branching must be an int >= 2, got {branching!r}")
         if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
@@ -141,10 +157,25 @@ class TreeIndex(TokenIndex):
         # the table): search reads a candidate page as one contiguous block instead of 16 scattered rows
         self._page_keys = torch.zeros(kv_heads, cap, self.page_size, d + 1)
         self._pages = np.zeros(kv_heads, dtype=np.int64)
+        self._alloc_nodes(kv_heads, cap, d)
         for h in range(kv_heads):
+            group_starts = []
             for tokens, features in self._layout_groups(h, keys[h], aug[h], queries):
                 order = tree_pages(features, self.page_size, self.branching, self.depth, seed=h)
+                group_starts.append(int(self._pages[h]))
                 self._append_pages(h, tokens[order], aug[h])
+            build_nodes(h, np.array(group_starts, dtype=np.int64), int(self._pages[h]), self._fill.numpy(),
+                        self._page_keys.numpy(), *self._nodes)
+
+    def _alloc_nodes(self, kv_heads: int, page_cap: int, d: int) -> None:
+        """The node hierarchy (`_tree_nodes`): a root, one subtree per layout group, leaves = pages.
+        At most 2 nodes per page plus the root and group nodes."""
+        cap = 2 * page_cap + 16
+        links = [np.full((kv_heads, cap), -1, dtype=np.int64) for _ in range(4)]  # parent, child, sibling, page
+        self._nodes = (*links, np.full((kv_heads, page_cap), -1, dtype=np.int64),  # page -> its leaf node
+                       np.zeros((kv_heads, cap, d)), np.zeros((kv_heads, cap), dtype=np.int64),  # sums, counts
+                       np.zeros((kv_heads, cap, d), dtype=np.float32), np.zeros((kv_heads, cap)),  # centres, radii
+                       np.zeros(kv_heads, dtype=np.int64))  # nodes per head
 
     def _hot_tier_pages(self, pages: int) -> list[int]:
         """Pages of each hot tier, hottest first, within `max_hot_share` of `pages`."""
@@ -209,6 +240,11 @@ class TreeIndex(TokenIndex):
         self._table, self._fill = pad(self._table, -1), pad(self._fill, 0)
         self._sums, self._cent = pad(self._sums, 0.0), pad(self._cent, 0.0, dim=2)
         self._page_keys = pad(self._page_keys, 0.0)
+        # node arrays: copy into arrays sized for the new page capacity
+        old = self._nodes
+        self._alloc_nodes(self._table.shape[0], self._table.shape[1], self.head_dim)
+        for new, kept in zip(self._nodes, old):
+            new[tuple(slice(0, n) for n in kept.shape)] = kept
 
     # -- insert ----------------------------------------------------------------------------------
 
@@ -217,7 +253,7 @@ class TreeIndex(TokenIndex):
         self._ensure_capacity(self.num_pages + keys.shape[1])
         changed = np.zeros(self._fill.shape, dtype=np.bool_)
         insert_tokens(new_keys, self.num_tokens, self._table.numpy(), self._fill.numpy(), self._sums.numpy(),
-                      _bits(self._cent), self._page_keys.numpy(), self._pages, changed)
+                      _bits(self._cent), self._page_keys.numpy(), self._pages, changed, self._nodes)
         return torch.from_numpy(np.flatnonzero(changed.any(0)))
 
     # -- search ----------------------------------------------------------------------------------
@@ -247,8 +283,14 @@ class TreeIndex(TokenIndex):
             lse = np.full(q.shape[:2], -np.inf, np.float32)
         else:
             lse = np.ascontiguousarray(resident_lse.detach().float().cpu().numpy())
-        best = search_pages(q, _bits(self._cent), self._fill.numpy(), self._page_keys.numpy(), pages, n_cand,
-                            max_pages, self.scale, lse)
+        if self.search_mode == "descent":
+            best, self._last_scored = search_pages_descent(q, self._nodes, self._fill.numpy(),
+                                                           self._page_keys.numpy(), pages, n_cand, max_pages,
+                                                           self.scale, lse)
+        else:
+            best = search_pages(q, _bits(self._cent), self._fill.numpy(), self._page_keys.numpy(), pages,
+                                n_cand, max_pages, self.scale, lse)
+            self._last_scored = self.kv_heads * pages
         self._last_rescored = n_cand * self.page_size
         return torch.from_numpy(best).to(queries.device)
 
