@@ -50,9 +50,9 @@ def main() -> None:
             start, pages[mode], scored[mode] = time.perf_counter(), [], 0
             for step in range(cap.steps):
                 pages[mode].append(index.search(cap.decode_queries[layer][step].view(kv, -1, d), max_pages))
-                scored[mode] += index._last_scored
+                scored[mode] += index.nodes_scored
             micros[mode] = (time.perf_counter() - start) / cap.steps * 1e6
-        nodes = int(indexes["descent"]._nodes[-1].sum())
+        nodes = indexes["descent"].num_nodes
         same = np.mean([(a == b).float().mean().item() for a, b in zip(pages["scan"], pages["descent"])])
         rows.append({"layer": layer, "pages": indexes["scan"].num_pages, "nodes": nodes,
                      "scan_us": micros["scan"], "descent_us": micros["descent"],

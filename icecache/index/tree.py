@@ -294,6 +294,22 @@ class TreeIndex(TokenIndex):
         self._last_rescored = n_cand * self.page_size
         return torch.from_numpy(best).to(queries.device)
 
+    @property
+    def num_nodes(self) -> int:
+        """Nodes of the hierarchy (root, inner nodes and leaf pages), summed over the KV heads."""
+        return int(self._nodes[-1].sum())
+
+    @property
+    def nodes_scored(self) -> int:
+        """Nodes the last search scored against the queries, summed over the KV heads: every leaf for the
+        scan, the expanded nodes' children for the descent."""
+        return getattr(self, "_last_scored", 0)
+
     def metadata_bytes_per_search(self) -> int:
-        # every leaf centroid (bfloat16), plus the candidate pages' keys rescored by the last search
-        return self.kv_heads * (self.num_pages * 2 + getattr(self, "_last_rescored", 0) * 4) * self.head_dim
+        # the scored centroids (bfloat16 leaves for the scan, float32 nodes for the descent), plus the
+        # candidate pages' keys rescored by the last search
+        if self.search_mode == "descent":
+            scanned = self.nodes_scored * 4
+        else:
+            scanned = self.kv_heads * self.num_pages * 2
+        return (scanned + self.kv_heads * getattr(self, "_last_rescored", 0) * 4) * self.head_dim
