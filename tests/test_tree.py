@@ -173,10 +173,12 @@ def reference_masses(index, queries: torch.Tensor, max_pages: int, resident_lse=
     (centroid ranking, then an exact softmax per query head over the candidates' tokens and, through
     `resident_lse`, the resident ones)."""
     table, n_pages = index.page_table, index.num_pages
-    n_cand = min(n_pages, max(max_pages * index.candidate_factor, index.min_candidates))
+    pinned = index._pinned  # the first hot tier: always candidates
+    n_cand = min(n_pages, max(max_pages * index.candidate_factor, index.min_candidates) + pinned)
     out = []
     for h in range(index.kv_heads):
         score = (queries[h] @ index.centroids()[h].T).amax(0)
+        score[:pinned] = float("inf")
         score = score.masked_fill(index._fill[h, :n_pages] == 0, float("-inf"))
         cand = torch.topk(score, n_cand).indices
         pos = table[h, cand].flatten()
@@ -317,3 +319,28 @@ def test_descent_search_returns_the_scan_search_pages(n):
     # the same candidates (the scan ranks bfloat16 centroids, so near ties could differ; these seeds have
     # none), hence the same pages, whether the candidates hold every page (n=50) or not (n=700)
     assert torch.equal(results[0], results[1])
+
+
+def test_the_first_hot_tier_is_rescored_whatever_its_centroid():
+    # the needle shares its hot page with tokens pointing away from the query, while whole pages of
+    # middling keys point towards it: by centroid the needle's page ranks below them
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randn(1, 640, 16, generator=g)
+    keys[0, :, 0] = torch.where(torch.arange(640) % 2 == 0, -3.0, 2.0)
+    needle = 77
+    keys[0, needle, 0] = 24.0
+    keys[0, needle, 1] = 8.0  # the prefill's queries (along dim 1) attend to it most: a first-tier token
+    build_queries = torch.zeros(1, 4, 16)
+    build_queries[0, :, 1] = 1.0
+    query = torch.zeros(1, 3, 16)
+    query[0, :, 0] = 1.0
+    found = {}
+    for pinned in (True, False):
+        index = icecache.get_index("tree", head_dim=16, page_size=16, hot_pages=1, min_candidates=1,
+                                   candidate_factor=1, rescore_hot_tier=pinned)
+        index.build(keys, build_queries)
+        assert needle in index.page_table[0, 0].tolist()  # the first hot tier is page 0
+        assert index._pinned == (1 if pinned else 0)
+        pages = index.search(query, 1)
+        found[pinned] = needle in index.page_table[0, pages[0]].flatten().tolist()
+    assert found[True] and not found[False]  # the centroid alone misses it

@@ -323,13 +323,14 @@ def _rescore(q, h, cand, n_cand, fill, page_keys, scale, resident_lse, logits, b
 
 
 @numba.njit(cache=True, fastmath=_FAST)
-def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages, scale, resident_lse):
+def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages, scale, resident_lse, pinned):
     """The tree's search for every KV head in one compiled pass (`TreeIndex._search`).
 
     queries `[kv, g, d]`; centroids `[kv, d, cap]` (bfloat16 bits); fill `[kv, cap]` (a page's tokens sit
     in its first `fill` slots); page_keys `[kv, cap, page_size, d + 1]` (each page's augmented keys stored
     together, so a candidate page is one contiguous read). Ranks the first `n_pages` leaves by
-    `max_g q_g . centroid`, rescores the tokens of the best `n_cand` exactly (a softmax per query head
+    `max_g q_g . centroid`, rescores the tokens of the best `n_cand` (pages `0 .. pinned - 1` always among
+    them) exactly (a softmax per query head
     over the candidates' tokens plus the resident tokens, whose log-sum-exp `resident_lse` `[kv, g]` the
     runtime gives, -inf for none), and returns the `min(max_pages, n_cand)` candidates holding the most attention mass, best
     first, `[kv, k]` int64. Empty pages rank last. Inner loops run along contiguous memory (pages in
@@ -362,13 +363,16 @@ def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages
             for g in range(1, group):
                 best = max(best, partial[g, p])
             score[p] = best if fill[h, p] > 0 else -np.inf
+        for p in range(min(pinned, n_pages)):  # always candidates, whatever their centroid says
+            if fill[h, p] > 0:
+                score[p] = np.inf
         cand = _top_indices(score, n_cand)  # unordered: the rescoring ranks them
         _rescore(q, h, cand, n_cand, fill, page_keys, scale, resident_lse, logits, bits, top, mass, out[h])
     return out
 
 
 @numba.njit(cache=True)
-def search_pages_descent(queries, nodes, fill, page_keys, n_pages, n_cand, max_pages, scale, resident_lse):
+def search_pages_descent(queries, nodes, fill, page_keys, n_pages, n_cand, max_pages, scale, resident_lse, pinned):
     """`search_pages` with the candidates found by a best-first descent of the node hierarchy
     (`_tree_nodes.descend`: the same top-`n_cand` leaves by centroid score, found without scoring the
     subtrees whose bound cannot reach them) instead of a scan of every leaf. Returns the pages `[kv, k]`
@@ -388,9 +392,35 @@ def search_pages_descent(queries, nodes, fill, page_keys, n_pages, n_cand, max_p
     scored_total = 0
     for h in range(kv_heads):
         q = queries[h]
-        found, scored = descend(q, h, n_cand, first_child, next_sibling, node_page, counts, centers, radii,
-                                n_nodes, cand, heap_keys, heap_items)
+        # the descent fills what the pinned pages leave, as the scan does
+        found, scored = descend(q, h, n_cand - min(pinned, n_cand), first_child, next_sibling, node_page, counts,
+                                centers, radii, n_nodes, cand, heap_keys, heap_items)
         scored_total += scored
+        for p in range(min(pinned, n_pages)):
+            if found == n_cand:
+                break
+            if fill[h, p] == 0:
+                continue
+            seen = False
+            for c in range(found):
+                seen = seen or cand[c] == p
+            if not seen:
+                cand[found] = p
+                found += 1
+        if found < n_cand:  # pinned pages the descent had found already: take more leaves
+            extra = np.empty(n_cand, np.int64)
+            more, scored = descend(q, h, n_cand, first_child, next_sibling, node_page, counts, centers, radii,
+                                   n_nodes, extra, heap_keys, heap_items)
+            scored_total += scored
+            for i in range(more):
+                if found == n_cand:
+                    break
+                seen = False
+                for c in range(found):
+                    seen = seen or cand[c] == extra[i]
+                if not seen:
+                    cand[found] = extra[i]
+                    found += 1
         p = 0
         while found < n_cand and p < n_pages:  # a head with fewer pages: pad with empty ones, as the scan
             if fill[h, p] == 0:

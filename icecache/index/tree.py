@@ -16,7 +16,8 @@ the balanced splits down to pages. Every node keeps the count, centre and a radi
 every key below it, so `q . c + |q| r` bounds every token and every page centroid below it.
 
 Search (default `search="scan"`) scores every leaf centroid against the group's queries, keeps
-`candidate_factor x max_pages` candidate pages, scores their tokens exactly and returns the pages holding
+`candidate_factor x max_pages` candidate pages plus the first hot tier's pages (grouped by attention, not
+by key, so their centroids say little about them), scores their tokens exactly and returns the pages holding
 the most attention mass (each query head's softmax also counting the resident sink and window, through
 the runtime's `resident_lse`). `search="descent"` finds the same candidates by a best-first descent
 from the root that skips subtrees whose bound cannot reach them; on the model's real 64-dimensional keys
@@ -99,6 +100,11 @@ class TreeIndex(TokenIndex):
             2-means down to single pages. Default depth 0 (2-means all the way): on the 4k recall
             benchmark wider top levels gained nothing, and faiss top splits cost task answers
             (benchmarks/RESULTS.md).
+        rescore_hot_tier: default True: the first hot tier's pages (`hot_pages` of them) are always
+            rescored, on top of the centroid-ranked candidates. Those pages group tokens by the prefill
+            queries' attention, not by key, so their key centroid can rank them low while they hold the
+            token a step needs most: at 4k, a pass-key page holding 90% of a retrieval head's attention
+            ranked 80th by centroid, outside the 64 candidates (benchmarks/RESULTS.md).
         search: "scan" (default) scores every leaf centroid to pick the candidates; "descent" finds the
             same candidates by a bounded best-first descent of the node hierarchy. Both then rescore the
             candidates exactly. On this model's keys at 8k the bound prunes almost nothing, and the
@@ -107,11 +113,16 @@ class TreeIndex(TokenIndex):
 
     uses_build_queries = True
     uses_resident_lse = True
+    _pinned = 0  # pages 0 .. _pinned - 1 (the first hot tier) are always rescored
 
     def __init__(self, head_dim: int, page_size: int = 16, hot_pages: int = 8, candidate_factor: int = 4,
                  norm_headroom: float = 1.2, min_candidates: int = 64, hot_tiers: int = 3, hot_growth: int = 3,
-                 max_hot_share: float = 0.4, branching: int = 2, depth: int = 0, search: str = "scan") -> None:
+                 max_hot_share: float = 0.4, branching: int = 2, depth: int = 0, search: str = "scan",
+                 rescore_hot_tier: bool = True) -> None:
         super().__init__(head_dim, page_size)
+        if not isinstance(rescore_hot_tier, bool):
+            raise ValueError(f"rescore_hot_tier must be True or False, got {rescore_hot_tier!r}")
+        self.rescore_hot_tier = rescore_hot_tier
         if search not in ("scan", "descent"):
             raise ValueError(f"search must be 'scan' or 'descent', got {search!r}")
         self.search_mode = search
@@ -158,6 +169,8 @@ class TreeIndex(TokenIndex):
         self._page_keys = torch.zeros(kv_heads, cap, self.page_size, d + 1)
         self._pages = np.zeros(kv_heads, dtype=np.int64)
         self._alloc_nodes(kv_heads, cap, d)
+        tiers = self._hot_tier_pages(n // self.page_size) if queries is not None else []
+        self._pinned = tiers[0] if tiers and self.rescore_hot_tier else 0
         for h in range(kv_heads):
             group_starts = []
             for tokens, features in self._layout_groups(h, keys[h], aug[h], queries):
@@ -278,7 +291,8 @@ class TreeIndex(TokenIndex):
         # overhead (benchmarks/RESULTS.md).
         q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
         pages = self.num_pages
-        n_cand = min(pages, max(max_pages * self.candidate_factor, self.min_candidates))
+        # the first hot tier's pages are rescored on top of the centroid-ranked candidates
+        n_cand = min(pages, max(max_pages * self.candidate_factor, self.min_candidates) + self._pinned)
         if resident_lse is None:
             lse = np.full(q.shape[:2], -np.inf, np.float32)
         else:
@@ -286,10 +300,10 @@ class TreeIndex(TokenIndex):
         if self.search_mode == "descent":
             best, self._last_scored = search_pages_descent(q, self._nodes, self._fill.numpy(),
                                                            self._page_keys.numpy(), pages, n_cand, max_pages,
-                                                           self.scale, lse)
+                                                           self.scale, lse, self._pinned)
         else:
             best = search_pages(q, _bits(self._cent), self._fill.numpy(), self._page_keys.numpy(), pages,
-                                n_cand, max_pages, self.scale, lse)
+                                n_cand, max_pages, self.scale, lse, self._pinned)
             self._last_scored = self.kv_heads * pages
         self._last_rescored = n_cand * self.page_size
         return torch.from_numpy(best).to(queries.device)
