@@ -10,10 +10,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ._tree_nodes import add_key_to_ancestors, descend, leaf_stats, open_leaf
-
-# reassociation and contraction let the dot products use SIMD lanes; no `ninf`: empty slots are -inf
-_FAST = {"reassoc", "contract", "arcp", "nsz"}
+from ._tree_nodes import _FAST, add_key_to_ancestors, descend, leaf_stats, open_leaf
 
 _LLOYD_ITERS = 2
 _POWER_ITERS = 2
@@ -383,6 +380,7 @@ def search_pages_descent(queries, nodes, fill, page_keys, n_pages, n_cand, max_p
     k = min(max_pages, n_cand)
     out = np.empty((kv_heads, k), np.int64)
     cand = np.empty(n_cand, np.int64)
+    ranked = np.empty(n_cand, np.int64)
     heap_keys = np.empty(node_parent.shape[1], np.float32)
     heap_items = np.empty(node_parent.shape[1], np.int64)
     logits = np.empty((group, n_cand * page_size), np.float32)
@@ -392,35 +390,22 @@ def search_pages_descent(queries, nodes, fill, page_keys, n_pages, n_cand, max_p
     scored_total = 0
     for h in range(kv_heads):
         q = queries[h]
-        # the descent fills what the pinned pages leave, as the scan does
-        found, scored = descend(q, h, n_cand - min(pinned, n_cand), first_child, next_sibling, node_page, counts,
-                                centers, radii, n_nodes, cand, heap_keys, heap_items)
-        scored_total += scored
-        for p in range(min(pinned, n_pages)):
-            if found == n_cand:
-                break
-            if fill[h, p] == 0:
-                continue
-            seen = False
-            for c in range(found):
-                seen = seen or cand[c] == p
-            if not seen:
+        # the pinned pages first, then the descent's best leaves (ids below `pinned` are already in),
+        # as the scan ranks them
+        found = 0
+        for p in range(min(pinned, n_pages, n_cand)):
+            if fill[h, p] > 0:
                 cand[found] = p
                 found += 1
-        if found < n_cand:  # pinned pages the descent had found already: take more leaves
-            extra = np.empty(n_cand, np.int64)
-            more, scored = descend(q, h, n_cand, first_child, next_sibling, node_page, counts, centers, radii,
-                                   n_nodes, extra, heap_keys, heap_items)
-            scored_total += scored
-            for i in range(more):
-                if found == n_cand:
-                    break
-                seen = False
-                for c in range(found):
-                    seen = seen or cand[c] == extra[i]
-                if not seen:
-                    cand[found] = extra[i]
-                    found += 1
+        leaves, scored = descend(q, h, n_cand, first_child, next_sibling, node_page, counts, centers, radii,
+                                 n_nodes, ranked, heap_keys, heap_items)
+        scored_total += scored
+        for i in range(leaves):
+            if found == n_cand:
+                break
+            if ranked[i] >= pinned:
+                cand[found] = ranked[i]
+                found += 1
         p = 0
         while found < n_cand and p < n_pages:  # a head with fewer pages: pad with empty ones, as the scan
             if fill[h, p] == 0:

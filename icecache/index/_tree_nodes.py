@@ -16,6 +16,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+# reassociation and contraction let the dot products use SIMD lanes; no `ninf`: empty slots are -inf
 _FAST = {"reassoc", "contract", "arcp", "nsz"}
 
 
@@ -45,14 +46,22 @@ def leaf_stats(h, node, page, fill, page_keys, sums, counts, centers, radii):
     counts[h, node] = used
     for j in range(d):
         centers[h, node, j] = sums[h, node, j] / max(used, 1)
+    radii[h, node] = _farthest(h, page, page + 1, fill, page_keys, centers[h, node])
+
+
+@numba.njit(cache=True)
+def _farthest(h, first_page, end_page, fill, page_keys, center):
+    """Largest distance from `center` to a key of pages `first_page .. end_page - 1` (an exact radius)."""
+    d = center.shape[0]
     radius = 0.0
-    for s in range(used):
-        dist = 0.0
-        for j in range(d):
-            diff = page_keys[h, page, s, j] - centers[h, node, j]
-            dist += diff * diff
-        radius = max(radius, np.sqrt(dist))
-    radii[h, node] = radius
+    for p in range(first_page, end_page):
+        for s in range(fill[h, p]):
+            dist = 0.0
+            for j in range(d):
+                diff = page_keys[h, p, s, j] - center[j]
+                dist += diff * diff
+            radius = max(radius, np.sqrt(dist))
+    return radius
 
 
 @numba.njit(cache=True)
@@ -105,15 +114,7 @@ def build_nodes(h, group_starts, n_pages, fill, page_keys, node_parent, first_ch
             child = next_sibling[h, child]
         for j in range(d):
             centers[h, node, j] = sums[h, node, j] / max(counts[h, node], 1)
-        radius = 0.0  # exact: the farthest key of the node's page range
-        for p in range(lo[node], hi[node]):
-            for s in range(fill[h, p]):
-                dist = 0.0
-                for j in range(d):
-                    diff = page_keys[h, p, s, j] - centers[h, node, j]
-                    dist += diff * diff
-                radius = max(radius, np.sqrt(dist))
-        radii[h, node] = radius
+        radii[h, node] = _farthest(h, lo[node], hi[node], fill, page_keys, centers[h, node])  # exact
 
 
 @numba.njit(cache=True)

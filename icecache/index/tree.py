@@ -173,7 +173,7 @@ class TreeIndex(TokenIndex):
         self._pinned = tiers[0] if tiers and self.rescore_hot_tier else 0
         for h in range(kv_heads):
             group_starts = []
-            for tokens, features in self._layout_groups(h, keys[h], aug[h], queries):
+            for tokens, features in self._layout_groups(h, keys[h], aug[h], queries, tiers):
                 order = tree_pages(features, self.page_size, self.branching, self.depth, seed=h)
                 group_starts.append(int(self._pages[h]))
                 self._append_pages(h, tokens[order], aug[h])
@@ -201,11 +201,12 @@ class TreeIndex(TokenIndex):
             left, size = left - take, size * self.hot_growth
         return tiers
 
-    def _layout_groups(self, h: int, keys: torch.Tensor, aug: torch.Tensor, queries: torch.Tensor | None):
+    def _layout_groups(self, h: int, keys: torch.Tensor, aug: torch.Tensor, queries: torch.Tensor | None,
+                       tiers: list[int]):
         """`(tokens [t], features [t, f])` groups of KV head `h`, each laid out from a fresh page: the
-        hot tiers by attention profile, then the rest by augmented key."""
+        hot tiers (`tiers`: pages each, from `_hot_tier_pages`) by attention profile, then the rest by
+        augmented key."""
         n = keys.shape[0]
-        tiers = self._hot_tier_pages(n // self.page_size) if queries is not None else []
         if not tiers:
             return [(torch.arange(n), aug)]
         logits = queries[h].detach().float().cpu() @ keys.T * self.scale  # [m, n]
