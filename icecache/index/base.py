@@ -206,8 +206,15 @@ class TokenIndex(ABC):
 
     @property
     def scale(self) -> float:
-        """Softmax temperature of dot-product attention, 1/sqrt(head_dim)."""
-        return 1.0 / math.sqrt(self.head_dim)
+        """Softmax scale of the attention this index serves: the model's own (the runtime sets it, e.g.
+        Gemma 3's `query_pre_attn_scalar ** -0.5`), `1 / sqrt(head_dim)` until set."""
+        return getattr(self, "_scale", None) or 1.0 / math.sqrt(self.head_dim)
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"scale must be a positive finite float, got {value!r}")
+        self._scale = float(value)
 
     def __repr__(self) -> str:
         return (

@@ -12,13 +12,13 @@ import copy
 from typing import Callable
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
 from ..index.base import TokenIndex
-from .layer import BUILD_QUERY_POSITIONS, SparseLayer
+from .layer import SparseLayer
 
 ATTENTION_NAME = "icecache"
 _LAYER_KWARG = "icecache_layer"
@@ -101,17 +101,55 @@ class IceCacheLayer(CacheLayerMixin):
             raise ValueError("IceRuntime serves one sequence at a time")
 
 
-class IceCache(Cache):
-    """The transformers `Cache` of one generation: `dense_layers` full-KV layers, then sparse layers."""
+#: attention layer types (transformers' `config.layer_types`) whose cache keeps only a recent window
+SLIDING_LAYER_TYPES = ("sliding_attention", "chunked_attention")
 
-    def __init__(self, num_layers: int, dense_layers: int, make_layer: Callable[..., SparseLayer],
+
+def layer_plan(config, dense_layers: int) -> list[tuple[str, dict]]:
+    """Per decoder layer, what the cache holds: `("sparse", {})`, `("dense", {})` or `("sliding",
+    {"sliding_window": w})`, read from the config's declared layer types (`layer_types`, `sliding_window`;
+    never the model's name). The first `dense_layers` layers stay dense; sliding-window layers keep their
+    window (dense attention over it, no index, no offload) wherever they are."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+    plan = []
+    for i, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
+        if kind in SLIDING_LAYER_TYPES:
+            plan.append(("sliding", {"sliding_window": kwargs["sliding_window"]}))
+        elif kind == "full_attention":
+            plan.append(("dense" if i < dense_layers else "sparse", {}))
+        else:
+            raise ValueError(f"layer {i} of this model has attention type {kind!r}; IceRuntime supports "
+                             f"'full_attention' and sliding-window layers {SLIDING_LAYER_TYPES}")
+    return plan
+
+
+class IceCache(Cache):
+    """The transformers `Cache` of one generation: per layer, as `layer_plan` says, a full-KV layer (the
+    first `dense_layers`), a sliding-window layer (transformers' own, for layers the config declares
+    sliding) or a sparse layer."""
+
+    def __init__(self, plan: list[tuple[str, dict]], make_layer: Callable[..., SparseLayer],
                  select_every: int = 1, index_signature: tuple | None = None) -> None:
         self.index_signature = index_signature  # see IceRuntime.index_signature
-        layers: list = [DynamicLayer() for _ in range(min(dense_layers, num_layers))]
-        for i in range(dense_layers, num_layers):
-            # with select_every > 1 the first sparse layer of each group searches, the others reuse it
-            leader = layers[i - (i - dense_layers) % select_every] if (i - dense_layers) % select_every else None
-            layers.append(IceCacheLayer(make_layer, leader))
+        layers: list = []
+        sparse_seen = 0
+        group_leader = None
+        for kind, kwargs in plan:
+            if kind == "sparse":
+                # with select_every > 1 the first sparse layer of each group searches, the others reuse it
+                leader = group_leader if sparse_seen % select_every else None
+                layer = IceCacheLayer(make_layer, leader)
+                if leader is None:
+                    group_leader = layer
+                sparse_seen += 1
+            elif kind == "sliding":
+                layer = DynamicSlidingWindowLayer(**kwargs)
+            else:
+                layer = DynamicLayer()
+            layers.append(layer)
         super().__init__(layers=layers)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -132,18 +170,26 @@ class IceCache(Cache):
         if len(source.layers) != len(self.layers):
             raise ValueError(f"source has {len(source.layers)} layers, this cache {len(self.layers)}")
         signature = self.index_signature
-        for mine, theirs in zip(self.layers, source.layers):
+        for i, (mine, theirs) in enumerate(zip(self.layers, source.layers)):
+            if getattr(theirs, "is_sliding", False):
+                if not getattr(mine, "is_sliding", False):
+                    raise ValueError(f"layer {i} of the source keeps only a sliding window; this cache needs "
+                                     "all its tokens (seed from a cache of the same model)")
+                self.layers[i] = copy.deepcopy(theirs)  # its window and the count of tokens seen
+                continue
             keys, values, queries = layer_tokens(theirs)
             if isinstance(mine, IceCacheLayer):
                 built = None
                 if (isinstance(theirs, IceCacheLayer) and signature is not None and mine.leader is None
                         and theirs.sparse.leader is None and theirs.sparse.index_signature == signature):
+                    theirs.sparse.admit()  # the donor builds its index now if its prefill has not yet
                     built = copy.deepcopy(theirs.sparse.index)  # same layout either way: copy, don't rebuild
                 mine.lazy_initialization(keys[None], values[None], built)
+                mine.sparse.scale = theirs.sparse.scale if isinstance(theirs, IceCacheLayer) else None
                 mine.sparse.store(keys, values)
                 mine.sparse.admit(queries)
             else:
-                mine.update(keys[None], values[None])
+                mine.update(keys[None], values[None])  # a sliding layer keeps its window of them
         return self
 
     @property
@@ -167,19 +213,28 @@ def layer_tokens(layer: CacheLayerMixin) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 def full_kv_copy(source: Cache) -> DynamicCache:
-    """A plain transformers `DynamicCache` (full KV) holding the same tokens as `source`."""
-    cache = DynamicCache()
-    for i, layer in enumerate(source.layers):
+    """A plain transformers `DynamicCache` (full KV) holding the same tokens as `source`: what
+    `model.generate` builds by itself (sliding-window layers keep their window)."""
+    layers = []
+    for layer in source.layers:
+        if getattr(layer, "is_sliding", False):
+            layers.append(copy.deepcopy(layer))
+            continue
         keys, values, _ = layer_tokens(layer)
-        cache.update(keys[None], values[None], i)
+        full = DynamicLayer()
+        full.update(keys[None].clone(), values[None].clone())
+        layers.append(full)
+    cache = DynamicCache()
+    cache.layers, cache.layer_class_to_replicate = layers, None  # exactly these layers, no more
     return cache
 
 
 def icecache_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                        **kwargs) -> tuple[torch.Tensor, None]:
-    """Attention function for `AttentionInterface`: dense SDPA for prefill (then index build), the
-    paged sparse path for decode steps of sparse layers. `query` is `[1, q_heads, q_len, head_dim]`."""
+    """Attention function for `AttentionInterface`: dense SDPA for prefill chunks, the paged sparse path for
+    decode steps of sparse layers. `query` is `[1, q_heads, q_len, head_dim]`; `scaling` is the model's own
+    softmax scale (e.g. Gemma 3's `query_pre_attn_scalar ** -0.5`), used by the kernel and the index."""
     layer: IceCacheLayer | None = kwargs.pop(_LAYER_KWARG, None)
     if layer is not None and layer.decoding:
         layer.decoding = False
@@ -188,10 +243,9 @@ def icecache_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                           dropout=dropout, **kwargs)
     if layer is not None:
-        sparse = layer.sparse
-        recent = query[0, :, -BUILD_QUERY_POSITIONS:, :]  # [q_heads, m, head_dim]
-        prefill_queries = recent.reshape(sparse.kv_heads, -1, sparse.head_dim)
-        sparse.admit(prefill_queries)
+        # prefill (or one chunk of it): keep the newest queries for the index build, which waits for the
+        # first decode step, so a chunked prefill builds one index over the whole prompt
+        layer.sparse.note_prefill_queries(query[0], scaling)
     return out, weights
 
 

@@ -62,7 +62,8 @@ class SparseLayer:
         self.loader = BulkLoader(device)
         self.stats = TransferStats()
         self.admitted = 0  # tokens already placed in sink / window / index
-        self.prefill_queries: torch.Tensor | None = None  # kept so a copy of this cache can rebuild its index
+        self.prefill_queries: torch.Tensor | None = None  # the prompt's newest queries, for the index build
+        self.scale: float | None = None  # the model's softmax scale, learnt from its first attention call
 
     # -- token admission (prefill and decode) ------------------------------------------------------
 
@@ -79,9 +80,25 @@ class SparseLayer:
         """Keep new tokens `[kv_heads, m, head_dim]` in the host tier (placed later by `admit`)."""
         self.host.append(k, v)
 
+    def note_prefill_queries(self, queries: torch.Tensor, scale: float | None) -> None:
+        """Keep the newest `BUILD_QUERY_POSITIONS` prefill queries `[q_heads, m, head_dim]` (over chunks)
+        as `[kv_heads, group * positions, head_dim]` for the index build; note the model's scale."""
+        if scale is not None:
+            self.scale = float(scale)
+        if self.index.kv_heads is not None:
+            return  # already built: later chunks are inserted
+        recent = queries[:, -BUILD_QUERY_POSITIONS:]
+        if self.prefill_queries is not None and recent.shape[1] < BUILD_QUERY_POSITIONS:
+            older = self.prefill_queries.view(queries.shape[0], -1, self.head_dim)
+            recent = torch.cat([older, recent.to(older.device)], dim=1)[:, -BUILD_QUERY_POSITIONS:]
+        self.prefill_queries = recent.detach().reshape(self.kv_heads, -1, self.head_dim)
+
     def admit(self, prefill_queries: torch.Tensor | None = None) -> None:
         """Place stored-but-unplaced tokens: first `sink` tokens to the sink, the newest `window` to the
-        window ring, and every token older than the window into the index (built at the first call)."""
+        window ring, and every token older than the window into the index (built at the first call, from
+        `prefill_queries` or those noted during prefill)."""
+        if prefill_queries is None:
+            prefill_queries = self.prefill_queries
         sink, window = self.budget.sink, self.budget.window
         start, n = self.admitted, self.num_tokens
         if start < sink:
@@ -110,7 +127,11 @@ class SparseLayer:
 
     def decode(self, query: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         """Attention output `[q_heads, head_dim]` of the newest token's `query` `[q_heads, head_dim]`."""
+        if scale is not None:
+            self.scale = float(scale)
         self.admit()
+        if self.scale is not None and self.leader is None and self.index.scale != self.scale:
+            self.index.scale = self.scale  # pages are ranked with the model's own softmax scale
         group_queries = query.view(self.kv_heads, -1, self.head_dim)
 
         clock = self._clock()
@@ -120,7 +141,7 @@ class SparseLayer:
         self.loader.wait()  # the compute stream waits for this layer's copies (prefetched or not)
         loaded = self._clock()
         out = self.kernel(query, self.tier.k, self.tier.v, self.tier.attention_mask(),
-                          scale if scale is not None else 1.0 / math.sqrt(self.head_dim))
+                          self.scale if self.scale is not None else 1.0 / math.sqrt(self.head_dim))
         done = self._clock()
         for follower in self.followers:
             follower.prefetch(page_ids)

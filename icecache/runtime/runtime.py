@@ -13,7 +13,7 @@ from ..kernels import paged_decode_attention, paged_decode_attention_reference
 from .budget import Budget
 from transformers.cache_utils import Cache
 
-from .cache import ATTENTION_NAME, IceCache
+from .cache import ATTENTION_NAME, IceCache, layer_plan
 from .layer import SparseLayer
 from .tiers import TransferStats
 
@@ -116,15 +116,13 @@ class IceRuntime:
         sink and window; any budget), they are copied instead of rebuilt.
         """
         config = getattr(model, "config", None)
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        num_layers = getattr(text_config, "num_hidden_layers", None)
-        if num_layers is None:
-            raise TypeError("model must be a transformers model with config.num_hidden_layers "
-                            f"(a Llama-family decoder), got {type(model).__name__}")
+        if getattr(config, "num_hidden_layers", None) is None and not hasattr(config, "get_text_config"):
+            raise TypeError("model must be a transformers decoder model with a config (Llama, Gemma 3, ...), "
+                            f"got {type(model).__name__}")
+        plan = layer_plan(config, self.dense_layers)
         if getattr(model.config, "_attn_implementation", None) != ATTENTION_NAME:
             model.set_attn_implementation(ATTENTION_NAME)
-        cache = IceCache(num_layers, min(self.dense_layers, num_layers), self._make_layer, self.select_every,
-                         self.index_signature)
+        cache = IceCache(plan, self._make_layer, self.select_every, self.index_signature)
         return cache if prefill is None else cache.seed_from(prefill)
 
     @staticmethod
