@@ -11,12 +11,30 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import format_table, run_demo
 
     start = time.perf_counter()
+    from .models import model_spec
+
     rows = run_demo(samples=args.samples, context_tokens=args.context, budgets=args.budgets,
-                    indexes=args.indexes)
-    print(f"\nPass-key retrieval, ~{args.context}-token contexts from pydoc_data prose, SmolLM2-135M-Instruct "
-          f"(sink 16, window 32, page 16; 'device KV' = K/V resident on the device tier over all layers)\n")
+                    indexes=args.indexes, model_name=args.model)
+    print(f"\nPass-key retrieval, ~{args.context}-token contexts from pydoc_data prose, "
+          f"{model_spec(args.model).title} (sink 16, window 32, page 16; 'device KV' = K/V resident on the "
+          f"device tier over all layers, 'sparse layers' = over the layers icecache retrieves for)\n")
     print(format_table(rows))
     print(f"\nwall time {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .models import available_models, model_spec, prepare_model
+
+    if args.action == "prepare":
+        for name in args.names or available_models():
+            start = time.perf_counter()
+            print(f"{name}: {prepare_model(name)} ({time.perf_counter() - start:.0f} s)")
+        return 0
+    for name in available_models():
+        spec = model_spec(name)
+        state = "installed" if spec.installed() else f"not installed: {spec.install}"
+        print(f"{name:<14} {spec.title:<22} context {spec.context:>6}  {state}")
     return 0
 
 
@@ -28,7 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--context", type=int, default=4096, help="context length in tokens")
     demo.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256])
     demo.add_argument("--indexes", nargs="+", default=None, help="index names (default: all available)")
+    from .models import DEFAULT_MODEL, available_models
+
+    demo.add_argument("--model", default=DEFAULT_MODEL, choices=available_models(),
+                      help=f"embedded model (default {DEFAULT_MODEL}; gemma3-270m reads up to 32k tokens)")
     demo.set_defaults(run=_demo)
+
+    models = sub.add_parser("models", help="list the embedded models, or prepare them (one-time conversion)")
+    models.add_argument("action", nargs="?", choices=["list", "prepare"], default="list")
+    models.add_argument("names", nargs="*", help="models to prepare (default: all)")
+    models.set_defaults(run=_models)
 
     from .bench.cli import add_bench_commands
 

@@ -1,5 +1,5 @@
-"""`icecache demo`: pass-key retrieval at ~4k tokens on the embedded model, full KV beside every
-available index at budgets 64, 128 and 256."""
+"""`icecache demo`: pass-key retrieval at ~4k tokens (or `--context`) on an embedded model (`--model`),
+full KV beside every available index at budgets 64, 128 and 256."""
 
 from __future__ import annotations
 
@@ -23,21 +23,24 @@ class DemoRow:
     seconds: float = 0.0
     device_kv_bytes: int = 0
     full_kv_bytes: int = 0
+    sparse_device_bytes: int = 0  # over the layers icecache retrieves for (not dense or sliding ones)
+    sparse_full_bytes: int = 0
 
 
 def run_demo(samples: int = 6, context_tokens: int = 4096, budgets=(64, 128, 256), indexes=None,
-             max_new_tokens: int = 8, model=None, tokenizer=None, seed: int = 0) -> list[DemoRow]:
+             max_new_tokens: int = 8, model=None, tokenizer=None, seed: int = 0,
+             model_name: str = "smollm2-135m") -> list[DemoRow]:
     """Answer `samples` pass-key questions with full KV and every (index, budget); returns one row each.
 
     One dense prefill per question is shared by every runtime (`IceRuntime.new_cache(prefill=...)`),
     so the comparison differs only in decode-time retrieval.
     """
-    if model is None:
-        from .models import load_default
+    from .models import load_model, model_spec
 
-        model, tokenizer = load_default()
+    if model is None:
+        model, tokenizer = load_model(model_name)
     indexes = list(indexes or available_indexes())
-    builder = TaskBuilder(tokenizer)
+    builder = TaskBuilder(tokenizer, frame="inline" if model_spec(model_name).instruct else "qa")
     rows = {("full KV", "all"): DemoRow("full KV", "all")}
     for name in indexes:
         for b in budgets:
@@ -68,6 +71,9 @@ def run_demo(samples: int = 6, context_tokens: int = 4096, budgets=(64, 128, 256
             else:
                 report = IceRuntime.report(cache)
                 row.device_kv_bytes, row.full_kv_bytes = report.device_kv_bytes, report.full_kv_bytes
+                sparse = [l for l in report.layers if l.kind == "sparse"]
+                row.sparse_device_bytes = sum(l.device_kv_bytes for l in sparse)
+                row.sparse_full_bytes = sum(l.full_kv_bytes for l in sparse)
             bar.update(1)
             bar.set_postfix(question=f"{i + 1}/{samples}", ctx=ids.shape[1])
     bar.close()
@@ -75,12 +81,14 @@ def run_demo(samples: int = 6, context_tokens: int = 4096, budgets=(64, 128, 256
 
 
 def format_table(rows: list[DemoRow]) -> str:
-    head = f"| {'method':<10} | {'budget':>6} | {'accuracy':>9} | {'decode tok/s':>12} | {'device KV MiB':>13} | {'vs full KV':>10} |"
+    head = (f"| {'method':<10} | {'budget':>6} | {'accuracy':>9} | {'decode tok/s':>12} | {'device KV MiB':>13} | "
+            f"{'vs full KV':>10} | {'sparse layers vs full KV':>24} |")
     lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
     for r in rows:
         acc = f"{r.correct}/{r.total}"
         tps = r.new_tokens / r.seconds if r.seconds else 0.0
         ratio = r.device_kv_bytes / r.full_kv_bytes if r.full_kv_bytes else 0.0
+        sparse = r.sparse_device_bytes / r.sparse_full_bytes if r.sparse_full_bytes else 1.0
         lines.append(f"| {r.method:<10} | {r.budget:>6} | {acc:>9} | {tps:>12.1f} | "
-                     f"{r.device_kv_bytes / 2**20:>13.1f} | {ratio:>10.3f} |")
+                     f"{r.device_kv_bytes / 2**20:>13.1f} | {ratio:>10.3f} | {sparse:>24.3f} |")
     return "\n".join(lines)

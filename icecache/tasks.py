@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 TASK_KINDS = ("passkey", "multikey", "multivalue", "vartrack")
+#: how a question is framed: "inline" (instruct models: the question, then the start of the answer) or "qa"
+#: (base models: needles as paragraphs of their own, then "Question: ...\nAnswer: ...", completion-style)
+FRAMES = ("inline", "qa")
 
 
 @lru_cache(maxsize=1)
@@ -57,8 +60,11 @@ class Task:
 class TaskBuilder:
     """Builds tasks of roughly `context_tokens` tokens (measured with `tokenizer`) from prose."""
 
-    def __init__(self, tokenizer, prose: str | None = None) -> None:
+    def __init__(self, tokenizer, prose: str | None = None, frame: str = "inline") -> None:
+        if frame not in FRAMES:
+            raise ValueError(f"frame must be one of {FRAMES}, got {frame!r}")
         self.tokenizer = tokenizer
+        self.frame = frame
         self.sentences = sentences(prose if prose is not None else default_prose())
         if len(self.sentences) < 50:
             raise ValueError("prose must hold at least 50 sentences to build haystacks")
@@ -79,14 +85,16 @@ class TaskBuilder:
         return hay
 
     def _assemble(self, rng: random.Random, kind: str, context_tokens: int, needles: list[str],
-                  depth: float, question: str, answers: list[str], meta: dict | None = None) -> Task:
+                  depth: float, ask: str, answer_start: str, answers: list[str], meta: dict | None = None) -> Task:
         budget = context_tokens - sum(len(self.tokenizer(n).input_ids) for n in needles) - 60
         hay = self._haystack(rng, budget)
         # spread several needles around the requested depth
         for i, needle in enumerate(needles):
             d = min(1.0, max(0.0, depth + (i - (len(needles) - 1) / 2) * 0.05))
-            hay.insert(int(d * len(hay)), needle)
-        context = f"Read the text below carefully; it hides some facts you will be asked about.\n\n{' '.join(hay)}\n\n"
+            hay.insert(int(d * len(hay)), f"\n\n{needle}\n\n" if self.frame == "qa" else needle)
+        text = " ".join(hay).replace(" \n\n", "\n\n").replace("\n\n ", "\n\n")
+        context = f"Read the text below carefully; it hides some facts you will be asked about.\n\n{text}\n\n"
+        question = f"Question: {ask}\nAnswer: {answer_start}" if self.frame == "qa" else f"{ask} {answer_start}"
         return Task(kind, context, question, answers, context_tokens, depth, meta or {})
 
     def passkey(self, seed: int, context_tokens: int, depth: float) -> Task:
@@ -96,7 +104,7 @@ class TaskBuilder:
         # about keys; this phrasing is answered by full KV at 4k, so budgets are what the task measures
         needle = f"The special magic number for the pass key is {key}."
         return self._assemble(rng, "passkey", context_tokens, [needle], depth,
-                              "What is the special magic number for the pass key? "
+                              "What is the special magic number for the pass key?",
                               "The special magic number for the pass key is", [key])
 
     def multikey(self, seed: int, context_tokens: int, depth: float, keys: int = 4) -> Task:
@@ -106,7 +114,7 @@ class TaskBuilder:
         needles = [f"The special magic number for {n} is {v}." for n, v in zip(names, values)]
         ask = rng.randrange(keys)
         return self._assemble(rng, "multikey", context_tokens, needles, depth,
-                              f"What is the special magic number for {names[ask]}? "
+                              f"What is the special magic number for {names[ask]}?",
                               f"The special magic number for {names[ask]} is", [values[ask]])
 
     def multivalue(self, seed: int, context_tokens: int, depth: float, values: int = 2) -> Task:
@@ -115,7 +123,7 @@ class TaskBuilder:
         nums = [str(rng.randrange(1000000, 9999999)) for _ in range(values)]
         needles = [f"One of the special magic numbers for {name} is {v}." for v in nums]
         return self._assemble(rng, "multivalue", context_tokens, needles, depth,
-                              f"What are all the special magic numbers for {name}? "
+                              f"What are all the special magic numbers for {name}?",
                               f"The special magic numbers for {name} are", nums)
 
     def vartrack(self, seed: int, context_tokens: int, depth: float, hops: int = 3) -> Task:
@@ -124,7 +132,7 @@ class TaskBuilder:
         names = [f"{rng.choice('QWXZ')}{rng.randrange(100, 999)}" for _ in range(hops)]
         needles = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, hops)]
         return self._assemble(rng, "vartrack", context_tokens, needles, depth,
-                              f"Follow the VAR assignments. What number does VAR {names[-1]} hold? "
+                              f"Follow the VAR assignments. What number does VAR {names[-1]} hold?",
                               f"VAR {names[-1]} holds", [value])
 
     def build(self, kind: str, seed: int, context_tokens: int, depth: float) -> Task:

