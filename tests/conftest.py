@@ -23,3 +23,11 @@ def smollm():
     from icecache.models import load_default
 
     return load_default()
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    """The embedded Gemma 3 270M (32k context, hybrid local/global attention) and its tokenizer."""
+    from icecache.models import load_model
+
+    return load_model("gemma3-270m")

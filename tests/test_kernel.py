@@ -195,3 +195,14 @@ def test_runtime_decodes_through_the_triton_kernel():
             steps.append(layer.decode(queries[t]))
         outputs[name] = torch.stack(steps)
     torch.testing.assert_close(outputs["triton"], outputs["reference"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [None, 256 ** -0.5, 0.2])
+def test_one_kv_head_and_head_dim_256(scale):
+    # Gemma 3 270M's shape: 4 query heads over 1 KV head, head_dim 256; its own softmax scale
+    case = dict(kv_heads=1, group=4, slots=5, page_size=16, head_dim=256, seed=3, p_valid=0.6, dead_pages=1,
+                dead_head=None, pages_per_split=2)
+    q, k, v, valid = make_inputs(case)
+    out = paged_decode_attention_triton(q, k, v, valid, scale=scale, pages_per_split=2)
+    ref = paged_decode_attention_reference(q, k, v, valid, scale)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)

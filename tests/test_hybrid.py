@@ -1,0 +1,87 @@
+"""Hybrid local/global attention (Gemma 3's layout) and the model's own softmax scale, on a tiny random
+Gemma 3: sliding-window layers keep transformers' window layer, full-attention layers become sparse."""
+
+import pytest
+import torch
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig
+
+import icecache
+from icecache.runtime import chunked_prefill, full_kv_copy, layer_plan
+
+
+def tiny_gemma(query_pre_attn_scalar: int = 9) -> Gemma3ForCausalLM:
+    # query_pre_attn_scalar != head_dim: a runtime that assumed 1/sqrt(head_dim) would give other tokens
+    config = Gemma3TextConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=24,
+                              layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+                              query_pre_attn_scalar=query_pre_attn_scalar, max_position_embeddings=512)
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_gemma()
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return torch.randint(0, 97, (1, 150), generator=torch.Generator().manual_seed(1))
+
+
+def test_layer_plan_reads_the_config_layer_types(model):
+    plan = layer_plan(model.config, dense_layers=2)
+    assert [kind for kind, _ in plan] == ["sliding", "sliding", "sparse"] * 2  # dense_layers=2 are sliding
+    assert plan[0][1] == {"sliding_window": 24}
+    assert [k for k, _ in layer_plan(model.config, dense_layers=3)][2] == "dense"
+    llama = LlamaConfig(num_hidden_layers=4)
+    assert [k for k, _ in layer_plan(llama, dense_layers=1)] == ["dense", "sparse", "sparse", "sparse"]
+
+
+@pytest.mark.parametrize("name", icecache.available_indexes())
+def test_budget_covering_the_context_reproduces_full_kv(model, prompt, name):
+    expected = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    runtime = icecache.IceRuntime(index=name, budget=prompt.shape[1] + 16, page_size=4, sink=4, window=8)
+    out = model.generate(prompt, cache=runtime.new_cache(model), max_new_tokens=12, do_sample=False)
+    assert torch.equal(out, expected)
+
+
+def test_chunked_prefill_builds_one_index_over_the_whole_prompt(model, prompt):
+    expected = model.generate(prompt, max_new_tokens=10, do_sample=False, prefill_chunk_size=32)
+    runtime = icecache.IceRuntime(index="tree", budget=prompt.shape[1] + 16, page_size=4, sink=4, window=8)
+    cache = runtime.new_cache(model)
+    out = model.generate(prompt, cache=cache, max_new_tokens=10, do_sample=False, prefill_chunk_size=32)
+    assert torch.equal(out, expected)
+    for layer in cache.sparse_layers:
+        assert layer.index.num_tokens == out.shape[1] - 1 - 4 - 8  # everything between sink and window
+        assert layer.scale == pytest.approx(9 ** -0.5) and layer.index.scale == pytest.approx(9 ** -0.5)
+
+
+def test_small_budget_keeps_sparse_layers_within_budget_plus_window(model, prompt):
+    runtime = icecache.IceRuntime(index="exact", budget=32, page_size=4, sink=4, window=8)
+    cache = runtime.new_cache(model)
+    logits = chunked_prefill(model, cache, prompt, chunk_size=64)
+    assert logits.shape == (1, 1, 97)  # only the last position's logits
+    model.generate(prompt, cache=cache, max_new_tokens=4, do_sample=False)
+    report = runtime.report(cache)
+    kinds = [l.kind for l in report.layers]
+    assert kinds == ["sliding", "sliding", "sparse"] * 2
+    for layer in report.layers:
+        if layer.kind == "sparse":
+            assert layer.device_kv_bytes <= (32 + 8) / layer.tokens * layer.full_kv_bytes
+        else:  # a sliding layer keeps its window, as in transformers' own cache
+            assert layer.device_kv_bytes == layer.full_kv_bytes
+            assert layer.full_kv_bytes == 2 * 23 * 32 * 4  # window - 1 tokens, 1 KV head, head_dim 32, fp32
+
+
+def test_full_kv_copy_and_seeding_keep_the_sliding_window(model, prompt):
+    from icecache.runtime import generate_after_prefill, shared_prefill
+
+    expected = model.generate(prompt, max_new_tokens=8, do_sample=False)[:, prompt.shape[1]:]
+    base, first = shared_prefill(model, prompt, chunk_size=40)
+    full = full_kv_copy(base)
+    assert full.layers[0].get_seq_length() == prompt.shape[1] and full.layers[0].keys.shape[2] == 23
+    assert torch.equal(generate_after_prefill(model, full, prompt, first, 8), expected)
+    runtime = icecache.IceRuntime(index="quest", budget=prompt.shape[1] + 16, page_size=4, sink=4, window=8)
+    seeded = runtime.new_cache(model, prefill=base)
+    assert torch.equal(generate_after_prefill(model, seeded, prompt, first, 8), expected)
