@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the kernel issue in one run (about 10 minutes on an H100/H200).
+# Every GPU measurement in one run (about 12 minutes on an H100/H200).
 # Needs an environment with icecache installed (./scripts/setup.sh, or PYTHON=... pointing at one).
 # Writes JSON tables under benchmarks/gpu/ (or $OUT when set, e.g. on the device machine).
 set -euo pipefail
@@ -18,3 +18,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT_DIR/device.txt
 "$PY" -m icecache bench latency --model random-llama-8b --dtype bfloat16 --contexts 16384 32768 \
     --indexes tree --budget 256 --steps 8 --select-every 3 --out "$OUT_DIR/llama8b_reuse3" \
     | tee "$OUT_DIR/latency_llama8b_reuse3.txt"
+# 5) the long model (Gemma 3 270M: hybrid local/global attention, 1 KV head, head_dim 256): its end-to-end
+#    tests, then decode latency at 8k and 32k with real weights
+"$PY" -m pytest -q tests/test_gemma.py tests/test_hybrid.py | tee "$OUT_DIR/test_gemma.txt"
+"$PY" -m icecache bench latency --model gemma3-270m --dtype bfloat16 --contexts 8192 32000 \
+    --indexes tree exact --budget 256 --steps 8 --out "$OUT_DIR/gemma3" | tee "$OUT_DIR/latency_gemma3.txt"

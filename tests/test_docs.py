@@ -72,7 +72,7 @@ def doc_env(request, monkeypatch, tmp_path):
     registry = dict(base._REGISTRY)
     model_state = {}
 
-    def use_shared_model():
+    def use_shared_model(names: set[str]):
         import icecache.models
 
         real = icecache.models.load_default
@@ -83,13 +83,27 @@ def doc_env(request, monkeypatch, tmp_path):
             return (model, tokenizer) if not args and not kwargs else real(*args, **kwargs)
 
         monkeypatch.setattr(icecache.models, "load_default", load_default)
+        real_load_model = icecache.models.load_model
+        fixtures = {"smollm2-135m": "smollm", "gemma3-270m": "gemma"}
+        shared = {"smollm2-135m": (model, tokenizer)}
+        for name in names - set(shared):  # resolved now: pytest refuses new fixtures mid-test
+            shared[name] = request.getfixturevalue(fixtures[name])
+            model_state.setdefault("others", []).append((shared[name][0], shared[name][0].config._attn_implementation))
+
+        def load_model(name="smollm2-135m", *args, **kwargs):
+            if args or kwargs or name not in shared:
+                return real_load_model(name, *args, **kwargs)
+            return shared[name]
+
+        monkeypatch.setattr(icecache.models, "load_model", load_model)
 
     yield use_shared_model
     torch.set_num_threads(threads)
     base._REGISTRY.clear()
     base._REGISTRY.update(registry)
     if model_state:
-        model_state["model"].set_attn_implementation(model_state["attn"])
+        for model, attn in [(model_state["model"], model_state["attn"]), *model_state.get("others", [])]:
+            model.set_attn_implementation(attn)
 
 
 @pytest.mark.parametrize("path", DOC_FILES, ids=lambda p: p.relative_to(ROOT).as_posix())
@@ -97,8 +111,8 @@ def test_python_blocks_run(path: Path, doc_env) -> None:
     blocks = runnable(path)
     if not blocks:
         pytest.skip(f"{path.name} has no python blocks to run")
-    if any("load_default" in code for _, code in blocks):
-        doc_env()
+    if any("load_default" in code or "load_model" in code for _, code in blocks):
+        doc_env({name for name in ("gemma3-270m",) if any(name in code for _, code in blocks)})
     name = f"_docs_{path.stem.lower()}"
     module = types.ModuleType(name)
     module.__file__ = str(path)

@@ -105,6 +105,22 @@ def test_resident_attention_only_reweighs_query_heads(name):
     assert torch.equal(index.search(queries, 3), index.search(queries, 3, none))
 
 
+@pytest.mark.parametrize("name", INDEXES)
+def test_finite_resident_attention_takes_a_head_out_of_the_ranking(name):
+    # a query head whose resident tokens (sink + window) hold almost all its attention weighs ~nothing in a
+    # mass-ranking index's page choice; indexes that do not rank by mass ignore resident_lse altogether
+    cls = icecache.index.index_class(name)
+    index = icecache.get_index(name, head_dim=8, page_size=4)
+    index.build(random_keys(3, 1, 64, 8))
+    queries = random_keys(4, 1, 2, 8) * 3
+    finite = torch.tensor([[60.0, float("-inf")]])
+    got = index.search(queries, 3, finite)
+    if cls.uses_resident_lse:
+        assert torch.equal(got, index.search(queries[:, 1:], 3))  # only the second head counts
+    else:
+        assert torch.equal(got, index.search(queries, 3))
+
+
 def test_registry_errors_name_the_choices():
     with pytest.raises(ValueError, match="unknown index 'nope'.*exact"):
         icecache.get_index("nope", head_dim=8)

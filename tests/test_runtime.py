@@ -116,13 +116,12 @@ def test_budget_rule_errors_name_the_argument():
         icecache.IceRuntime(index="exact", budget=32)
 
 
-def test_runtime_rejects_unknown_and_unbuilt_indexes():
+def test_runtime_rejects_unknown_indexes_and_accepts_every_registered_one():
     with pytest.raises(ValueError, match="unknown index 'nope'; available indexes: \\['exact'"):
         icecache.IceRuntime(index="nope")
-    for name in ("tree", "hnsw", "ivf", "quest"):
-        if name not in INDEXES:
-            with pytest.raises(ValueError, match="not available yet"):
-                icecache.IceRuntime(index=name)
+    assert set(INDEXES) >= {"tree", "hnsw", "ivf", "quest", "exact", "window"}
+    for name in INDEXES:
+        assert icecache.IceRuntime(index=name).index_name == name
 
 
 def test_reference_attention_masks_and_gqa():

@@ -101,6 +101,15 @@ def _latency(args: argparse.Namespace) -> int:
     return _finish(args, "latency", result, start, format_latency(result), plot_latency)
 
 
+def _prefill(args: argparse.Namespace) -> int:
+    from .prefill import format_prefill, run_prefill
+
+    start = time.perf_counter()
+    result = run_prefill(args.model, contexts=args.contexts, methods=args.methods, chunk=args.chunk,
+                         index=args.index, budget=args.budget, max_unchunked=args.max_unchunked)
+    return _finish(args, "prefill", result, start, format_prefill(result))
+
+
 def _kernel(args: argparse.Namespace) -> int:
     import torch
 
@@ -113,7 +122,7 @@ def _kernel(args: argparse.Namespace) -> int:
 
 
 def add_bench_commands(sub: argparse._SubParsersAction) -> None:
-    bench = sub.add_parser("bench", help="benchmarks: recall, tasks, latency, kernel")
+    bench = sub.add_parser("bench", help="benchmarks: recall, tasks, latency, prefill, kernel")
     kinds = bench.add_subparsers(dest="bench", required=True)
 
     recall = kinds.add_parser("recall", help="retrieval recall of every index on real attention")
@@ -155,6 +164,20 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     latency.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     latency.add_argument("--out", default="results")
     latency.set_defaults(run=_latency)
+
+    from .prefill import METHODS
+
+    prefill = kinds.add_parser("prefill", help="prefill time and peak RSS at long context, icecache vs transformers")
+    prefill.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384, 32000])
+    prefill.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    prefill.add_argument("--chunk", type=int, default=2048, help="prefill chunk in tokens")
+    prefill.add_argument("--index", default="tree")
+    prefill.add_argument("--budget", type=int, default=256)
+    prefill.add_argument("--max-unchunked", type=int, default=16384,
+                         help="longest context for transformers' unchunked prefill")
+    prefill.add_argument("--out", default="results")
+    _add_model_option(prefill)
+    prefill.set_defaults(run=_prefill)
 
     kernel = kinds.add_parser("kernel", help="decode attention kernel vs SDPA and dense; bandwidth")
     kernel.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])

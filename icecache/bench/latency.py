@@ -61,6 +61,12 @@ def _build_ms(name: str, keys: torch.Tensor, queries: torch.Tensor | None, page_
     return (time.perf_counter() - start) * 1e3
 
 
+def _sparse_layer_kv_ratio(report) -> float:
+    """The largest device-tier share of full KV over the sparse layers (each at most (budget + window) /
+    context by the budget rule)."""
+    return max((l.device_kv_bytes / l.full_kv_bytes for l in report.layers if l.kind == "sparse"), default=1.0)
+
+
 def run_latency(model, tokenizer, contexts=(1024, 2048, 4096, 8192), indexes=None, budget: int = 256,
                 steps: int = 16, warmup: int = 2, runtime_options: dict | None = None,
                 prose: str | None = None) -> dict:
@@ -77,7 +83,7 @@ def run_latency(model, tokenizer, contexts=(1024, 2048, 4096, 8192), indexes=Non
         probe = base.sparse_layers[0]  # one sparse layer's real keys and prefill queries
         probe_keys = probe.host.keys(0, probe.num_tokens)
         rows.append({"context": context, "method": FULL, "step_ms": full_step * 1e3, "ratio": 1.0,
-                     "device_kv_mib": full_bytes / 2**20,
+                     "device_kv_mib": full_bytes / 2**20, "sparse_layer_kv_ratio": 1.0,
                      "prefill_ms": _prefill_attention_ms(probe_keys, model.config.num_attention_heads)})
         bar.update(1)
         for name in indexes:
@@ -95,6 +101,7 @@ def run_latency(model, tokenizer, contexts=(1024, 2048, 4096, 8192), indexes=Non
                          "kib_moved_per_step": report.transfers.bytes_moved / done * layers / 1024,
                          "hit_rate": report.transfers.hit_rate,
                          "device_kv_mib": report.device_kv_bytes / 2**20,
+                         "sparse_layer_kv_ratio": _sparse_layer_kv_ratio(report),
                          "prefill_ms": _build_ms(name, probe_keys, probe.prefill_queries, runtime.budget.page_size,
                                                  runtime.budget.sink, runtime.budget.window)})
             bar.update(1)
@@ -109,6 +116,7 @@ COLUMNS = [("context", "context", "d"), ("method", "method", ""), ("step_ms", "m
            ("ratio", "vs full KV", ".2f"), ("search_ms", "search ms", ".2f"), ("transfer_ms", "transfer ms", ".2f"),
            ("attention_ms", "attention ms", ".2f"), ("kib_moved_per_step", "KiB moved/token", ".0f"),
            ("hit_rate", "hit rate", ".2f"), ("device_kv_mib", "device KV MiB", ".1f"),
+           ("sparse_layer_kv_ratio", "sparse layer KV / full", ".3f"),
            ("prefill_ms", "prefill attn / index build ms per layer", ".1f")]
 
 

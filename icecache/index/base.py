@@ -226,8 +226,6 @@ class TokenIndex(ABC):
 # -- registry -------------------------------------------------------------------------------------
 
 _REGISTRY: dict[str, type[TokenIndex]] = {}
-# Names that are part of the plan but whose module is not in this build yet: a clear error, not a KeyError.
-PLANNED_INDEXES = ("tree", "hnsw", "ivf", "quest")
 
 T = TypeVar("T", bound=type[TokenIndex])
 
@@ -257,10 +255,6 @@ def index_class(name: str) -> type[TokenIndex]:
     if not isinstance(name, str):
         raise TypeError(f"index must be a name (str), one of {available_indexes()}, got {type(name).__name__}")
     if name not in _REGISTRY:
-        if name in PLANNED_INDEXES:
-            raise ValueError(
-                f"index={name!r} is not available yet in this build; available indexes: {available_indexes()}"
-            )
         raise ValueError(f"unknown index {name!r}; available indexes: {available_indexes()}")
     return _REGISTRY[name]
 
