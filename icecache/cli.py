@@ -19,7 +19,19 @@ def _demo(args: argparse.Namespace) -> int:
           f"{model_spec(args.model).title} (sink 16, window 32, page 16; 'device KV' = K/V resident on the "
           f"device tier over all layers, 'sparse layers' = over the layers icecache retrieves for)\n")
     print(format_table(rows))
-    print(f"\nwall time {time.perf_counter() - start:.0f} s")
+    wall = time.perf_counter() - start
+    print(f"\nwall time {wall:.0f} s")
+    if args.out:
+        from dataclasses import asdict
+
+        from .bench.common import environment, write_json
+
+        path = write_json(f"{args.out}/demo.json", {
+            "benchmark": "demo", "environment": environment(), "wall_seconds": wall,
+            "settings": {"model": args.model, "context": args.context, "samples": args.samples,
+                         "budgets": args.budgets, "indexes": args.indexes},
+            "rows": [asdict(r) for r in rows]})
+        print(f"wrote {path}")
     return 0
 
 
@@ -46,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--context", type=int, default=4096, help="context length in tokens")
     demo.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256])
     demo.add_argument("--indexes", nargs="+", default=None, help="index names (default: all available)")
+    demo.add_argument("--out", default=None, help="also write the rows to OUT/demo.json")
     from .models import DEFAULT_MODEL, available_models
 
     demo.add_argument("--model", default=DEFAULT_MODEL, choices=available_models(),

@@ -27,3 +27,17 @@ def test_random_model_has_the_named_shape():
     assert logits.shape == (1, 3, 49152)
     with pytest.raises(ValueError, match="shape must be one of"):
         random_model("gpt-5")
+
+
+def test_long_context_results_are_rendered_from_the_committed_json():
+    # README and docs quote benchmarks/LONG_CONTEXT.md, which must be what the committed JSON renders to
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("render_long_context", root / "benchmarks" / "render_long_context.py")
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    assert (root / "benchmarks" / "LONG_CONTEXT.md").read_text() == render.render()
+    readme = (root / "README.md").read_text()
+    assert readme == render.sync_readme(readme)

@@ -85,3 +85,16 @@ def test_full_kv_copy_and_seeding_keep_the_sliding_window(model, prompt):
     runtime = icecache.IceRuntime(index="quest", budget=prompt.shape[1] + 16, page_size=4, sink=4, window=8)
     seeded = runtime.new_cache(model, prefill=base)
     assert torch.equal(generate_after_prefill(model, seeded, prompt, first, 8), expected)
+
+
+def test_padded_batch_on_hybrid_layers_matches_each_prompt_alone(model):
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(1, 97, (n,), generator=g) for n in (120, 70, 95)]
+    width = max(len(p) for p in prompts)
+    ids = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), p]) for p in prompts])
+    mask = torch.stack([torch.cat([torch.zeros(width - len(p)), torch.ones(len(p))]) for p in prompts]).long()
+    make = lambda: icecache.IceRuntime(index="tree", budget=24, page_size=4, sink=4, window=8).new_cache(model)
+    out = model.generate(ids, attention_mask=mask, cache=make(), max_new_tokens=8, do_sample=False)[:, width:]
+    for b, p in enumerate(prompts):
+        alone = model.generate(p[None], cache=make(), max_new_tokens=8, do_sample=False)[0, len(p):]
+        assert torch.equal(out[b], alone)

@@ -72,7 +72,7 @@ def test_cached_pages_are_not_moved_again():
 
 @pytest.mark.parametrize("name", ["exact", "tree"])
 def test_followers_prefetch_the_leaders_pages_with_the_same_result(name):
-    # layer reuse: a follower loads the leader's pages right after the leader's attention (prefetch); its
+    # layer reuse: a follower loads the leader's plan right after the leader's attention (prefetch); its
     # output must equal a follower that loads them only when its own turn comes
     g = torch.Generator().manual_seed(1)
     kv, d, n, prefill = 2, 16, 160, 120
@@ -81,7 +81,7 @@ def test_followers_prefetch_the_leaders_pages_with_the_same_result(name):
     layers = [SparseLayer(index, budget, kv, d, torch.float32, torch.device("cpu"))]
     layers += [SparseLayer(index, budget, kv, d, torch.float32, torch.device("cpu"), leader=layers[0])
                for _ in range(2)]
-    layers[2].prefetch = lambda page_ids: None  # the reference follower: no prefetch
+    layers[2].prefetch = False  # the reference follower loads at its own turn
     data = [(torch.randn(kv, n, d, generator=g), torch.randn(kv, n, d, generator=g)) for _ in range(2)]
     data.append(data[1])  # both followers hold the same K/V
     q = torch.randn(n - prefill + 1, 2 * kv, d, generator=g)

@@ -1,12 +1,12 @@
 """The paged KV runtime: budget rule, memory tiers, bulk loader, sparse layers, transformers cache."""
 
 from .budget import Budget
-from .cache import IceCache, full_kv_copy, icecache_attention, layer_plan
-from .layer import SparseLayer
+from .cache import IceCache, IceCacheLayer, full_kv_copy, icecache_attention, layer_plan
+from .layer import DecodePlan, SparseLayer
 from .runtime import (PREFILL_CHUNK, IceRuntime, LayerReport, RuntimeReport, chunked_prefill, generate_after_prefill,
                       shared_prefill)
 from .tiers import BulkLoader, DeviceTier, HostTier, TransferStats
 
-__all__ = ["Budget", "BulkLoader", "DeviceTier", "HostTier", "IceCache", "IceRuntime", "LayerReport",
+__all__ = ["Budget", "BulkLoader", "DecodePlan", "DeviceTier", "HostTier", "IceCache", "IceCacheLayer", "IceRuntime", "LayerReport",
            "PREFILL_CHUNK", "RuntimeReport", "SparseLayer", "TransferStats", "chunked_prefill", "full_kv_copy",
            "generate_after_prefill", "icecache_attention", "layer_plan", "shared_prefill"]

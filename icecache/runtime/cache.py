@@ -25,7 +25,14 @@ _LAYER_KWARG = "icecache_layer"
 
 
 class IceCacheLayer(CacheLayerMixin):
-    """A transformers cache layer backed by a `SparseLayer` (created at the first update)."""
+    """A transformers cache layer: one `SparseLayer` per sequence of the batch (created at the first update),
+    each with its own host tier, index, device tier and budget.
+
+    Left padding (a padded batch, `attention_mask` with zeros in front) is learnt from the first prefill
+    chunk's mask: each sequence drops its padding tokens, so its sink is its own first real tokens and its
+    index never holds a pad. The layer still counts padded positions (`get_seq_length`), as transformers'
+    masks do.
+    """
 
     is_compileable = False
     is_croppable = False
@@ -33,72 +40,118 @@ class IceCacheLayer(CacheLayerMixin):
     def __init__(self, make_layer: Callable[..., SparseLayer], leader: "IceCacheLayer | None" = None) -> None:
         super().__init__()
         self._make_layer = make_layer
-        self.leader = leader  # layer reuse: share this layer's index and page choice
-        self.sparse: SparseLayer | None = None
+        self.leader = leader  # layer reuse: each sequence shares the leader's index and page choice
+        self.rows: list[SparseLayer] = []  # one per sequence, in batch order
+        self.padding: list[int] | None = None  # left-padding tokens per sequence, once the prefill mask told
+        self.length = 0  # positions per sequence, padding included
         self.decoding = False  # True between update() and attention() of a one-token step
+
+    @property
+    def sparse(self) -> SparseLayer:
+        """The one sequence's `SparseLayer` (batch size 1)."""
+        if len(self.rows) != 1:
+            raise ValueError(f"this cache layer holds {len(self.rows)} sequences; use .rows[i]")
+        return self.rows[0]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor,
                             index: TokenIndex | None = None) -> None:
-        _, kv_heads, _, head_dim = key_states.shape
-        leader = self.leader.sparse if self.leader is not None else None
-        self.sparse = self._make_layer(kv_heads, head_dim, key_states.dtype, key_states.device, leader, index)
+        batch, kv_heads, _, head_dim = key_states.shape
+        leaders = self.leader.rows if self.leader is not None else [None] * batch
+        self.rows = [self._make_layer(kv_heads, head_dim, key_states.dtype, key_states.device, leaders[b], index)
+                     for b in range(batch)]
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
                kwargs: dict | None = None, **_) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store new K/V `[1, kv_heads, m, head_dim]`; return what the attention function needs."""
-        if key_states.dim() != 4 or key_states.shape[0] != 1:
-            raise ValueError(
-                f"IceRuntime serves one sequence at a time: key_states must be [1, kv_heads, tokens, head_dim], "
-                f"got shape {tuple(key_states.shape)} (batch size {key_states.shape[0]}); run sequences one by one"
-            )
+        """Store new K/V `[batch, kv_heads, m, head_dim]`; return what the attention function needs."""
+        if key_states.dim() != 4:
+            raise ValueError(f"key_states must be [batch, kv_heads, tokens, head_dim], got shape "
+                             f"{tuple(key_states.shape)}")
         if kwargs is None:
             raise RuntimeError(
                 "this model's attention does not pass its kwargs to cache.update(); IceRuntime supports "
-                "Llama-family models of transformers >= 5 (Llama, Mistral, Qwen2/3, SmolLM2)"
+                "transformers >= 5 decoders that do (Llama, Mistral, Qwen2/3, SmolLM2, Gemma 3)"
             )
         if not key_states.is_floating_point() or not bool(torch.isfinite(key_states).all()):
             raise ValueError(f"key_states must be finite floating-point values (got dtype {key_states.dtype}, "
                              "with NaN/inf or non-float entries); nothing was stored")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        layer = self.sparse
-        before = layer.num_tokens
-        layer.store(key_states[0], value_states[0])
+        for b, row in enumerate(self.rows):
+            row.store(key_states[b], value_states[b])
+        before, self.length = self.length, self.length + key_states.shape[2]
         kwargs[_LAYER_KWARG] = self
         self.decoding = key_states.shape[2] == 1 and before > 0
-        if self.decoding:
-            return key_states, value_states  # unused: decode attention reads the device tier
-        if before == 0:
-            return key_states, value_states
-        # a later multi-token chunk attends densely to everything stored so far
-        dev = key_states.device
-        return (layer.host.k[:, : layer.num_tokens].to(dev).unsqueeze(0),
-                layer.host.v[:, : layer.num_tokens].to(dev).unsqueeze(0))
+        if self.decoding or before == 0:
+            return key_states, value_states  # decode reads the device tier; a first chunk attends to itself
+        # a later multi-token chunk attends densely to everything stored so far, padding in front as before
+        return self._padded_tokens(key_states.device)
+
+    def _padded_tokens(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stored K/V `[batch, kv_heads, length, head_dim]`, each sequence left-padded with zeros."""
+        if len(self.rows) == 1 and not any(self.padding or ()):
+            row = self.rows[0]
+            return (row.host.k[:, : row.num_tokens].to(device).unsqueeze(0),
+                    row.host.v[:, : row.num_tokens].to(device).unsqueeze(0))
+        k = self.rows[0].host.k.new_zeros(len(self.rows), self.rows[0].kv_heads, self.length, self.rows[0].head_dim)
+        v = torch.zeros_like(k)
+        for b, row in enumerate(self.rows):
+            n = row.num_tokens
+            k[b, :, self.length - n:] = row.host.k[:, :n]
+            v[b, :, self.length - n:] = row.host.v[:, :n]
+        return k.to(device), v.to(device)
+
+    def note_prefill(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None) -> None:
+        """After a prefill chunk's dense attention: learn each sequence's left padding from the first chunk's
+        mask (and drop those tokens), and keep each sequence's newest queries for its index build."""
+        chunk = query.shape[2]
+        if self.padding is None:
+            self.padding = left_padding(attention_mask, len(self.rows), chunk)
+            for row, pad in zip(self.rows, self.padding):
+                if pad:
+                    row.drop_first(pad)
+        first_chunk = self.length == chunk
+        for b, row in enumerate(self.rows):
+            skip = self.padding[b] if first_chunk else 0
+            row.note_prefill_queries(query[b, :, skip:], scaling)
 
     def get_seq_length(self) -> int:
-        return 0 if self.sparse is None else self.sparse.num_tokens
+        return self.length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+        return self.length + query_length, 0
 
     def get_max_length(self) -> int:
         return -1
 
     def reset(self) -> None:
-        self.sparse = None
+        self.rows, self.padding, self.length = [], None, 0
         self.is_initialized = False
 
+    # batch reshuffles (beam search, num_return_sequences) go through IceCache, which keeps every layer's
+    # copy of one sequence together (layer reuse links them); a layer alone cannot do it
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("IceRuntime does not support beam search (batch size 1 only)")
+        raise NotImplementedError("reorder an IceCache, not one of its layers")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if repeats != 1:
-            raise ValueError(f"IceRuntime serves one sequence at a time; got num_return_sequences={repeats}")
+        raise NotImplementedError("repeat an IceCache, not one of its layers")
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if len(indices) != 1:
-            raise ValueError("IceRuntime serves one sequence at a time")
+        raise NotImplementedError("select from an IceCache, not one of its layers")
+
+
+def left_padding(attention_mask: torch.Tensor | None, batch: int, chunk: int) -> list[int]:
+    """Leading masked key positions per sequence, read off the last query row of a first prefill chunk's
+    4-D mask (bool: True = attend; float: 0 = attend). None (no mask): no padding."""
+    if attention_mask is None:
+        return [0] * batch
+    last = attention_mask[..., -1, :chunk]  # [batch or 1, 1, chunk]
+    allowed = last if last.dtype == torch.bool else last == 0
+    allowed = allowed.reshape(allowed.shape[0], -1).expand(batch, -1)
+    if not bool(allowed.any(1).all()):
+        raise ValueError("a sequence is all padding in the first prefill chunk: use a larger prefill_chunk_size "
+                         "than the longest left padding")
+    return [int(i) for i in allowed.to(torch.int8).argmax(1).tolist()]
 
 
 #: attention layer types (transformers' `config.layer_types`) whose cache keeps only a recent window
@@ -153,11 +206,58 @@ class IceCache(Cache):
         super().__init__(layers=layers)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if key_states.shape[0] != 1:  # check before any layer stores anything
-            raise ValueError(
-                f"IceRuntime serves one sequence at a time (batch size 1), got batch size {key_states.shape[0]}"
-            )
+        # checked here, before layer 0 stores anything: a dense layer would fail halfway through the model
+        held = self.batch_size
+        if held and key_states.shape[0] != held:
+            raise ValueError(f"key_states has batch size {key_states.shape[0]}, but this cache holds {held} "
+                             "sequences; nothing was stored (use a new cache per batch)")
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences this cache holds (0 before the first update)."""
+        for layer in self.layers:
+            if isinstance(layer, IceCacheLayer) and layer.is_initialized:
+                return len(layer.rows)
+            if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                return layer.keys.shape[0]
+        return 0
+
+    def _reshuffle(self, rows: list[int], reorder_dense: Callable[[CacheLayerMixin], None]) -> None:
+        """New batch made of the sequences `rows` (repeats allowed): the sparse layers' `SparseLayer`s move
+        (a repeated sequence is deep-copied once across all layers, keeping layer-reuse links), the other
+        layers reshuffle their own tensors with `reorder_dense`."""
+        ice = [l for l in self.layers if isinstance(l, IceCacheLayer) and l.is_initialized]
+        taken: set[int] = set()
+        new_rows: list[list[SparseLayer]] = [[] for _ in ice]
+        for r in rows:
+            sequence = [l.rows[r] for l in ice]
+            if r in taken:
+                sequence = copy.deepcopy(sequence)  # one memo: followers keep pointing at their leader's copy
+            taken.add(r)
+            for column, row in zip(new_rows, sequence):
+                column.append(row)
+        for layer, column in zip(ice, new_rows):
+            layer.rows = column
+            if layer.padding is not None:
+                layer.padding = [layer.padding[r] for r in rows]
+        for layer in self.layers:
+            if not isinstance(layer, IceCacheLayer) and layer.is_initialized:
+                reorder_dense(layer)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: the batch becomes sequences `beam_idx`."""
+        self._reshuffle(beam_idx.tolist(), lambda layer: layer.reorder_cache(beam_idx))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """`num_return_sequences` / beams: each sequence `repeats` times in a row."""
+        batch = next((len(l.rows) for l in self.layers if isinstance(l, IceCacheLayer) and l.is_initialized), 0)
+        self._reshuffle([b for b in range(batch) for _ in range(repeats)],
+                        lambda layer: layer.batch_repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the sequences `indices`."""
+        self._reshuffle(torch.as_tensor(indices).tolist(), lambda layer: layer.batch_select_indices(indices))
 
     def seed_from(self, source: Cache) -> "IceCache":
         """Fill this empty cache with the tokens of an already prefilled `source` (an `IceCache` or any
@@ -167,6 +267,9 @@ class IceCache(Cache):
         """
         if self.get_seq_length() != 0:
             raise ValueError("seed_from() needs an empty cache; create one with IceRuntime.new_cache(model)")
+        batches = {len(l.rows) for l in source.layers if isinstance(l, IceCacheLayer) and l.is_initialized}
+        if batches - {1}:
+            raise ValueError("seed_from() copies a single-sequence cache; the source holds a batch")
         if len(source.layers) != len(self.layers):
             raise ValueError(f"source has {len(source.layers)} layers, this cache {len(self.layers)}")
         signature = self.index_signature
@@ -187,6 +290,7 @@ class IceCache(Cache):
                 mine.lazy_initialization(keys[None], values[None], built)
                 mine.sparse.scale = theirs.sparse.scale if isinstance(theirs, IceCacheLayer) else None
                 mine.sparse.store(keys, values)
+                mine.length, mine.padding = keys.shape[1], [0]
                 mine.sparse.admit(queries)
             else:
                 mine.update(keys[None], values[None])  # a sliding layer keeps its window of them
@@ -194,15 +298,16 @@ class IceCache(Cache):
 
     @property
     def sparse_layers(self) -> list[SparseLayer]:
-        """The initialised sparse layers, in model order."""
-        return [l.sparse for l in self.layers if isinstance(l, IceCacheLayer) and l.sparse is not None]
+        """The initialised sparse layers' `SparseLayer`s, in model order (each layer's sequences in batch
+        order)."""
+        return [row for l in self.layers if isinstance(l, IceCacheLayer) for row in l.rows]
 
 
 def layer_tokens(layer: CacheLayerMixin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Every stored K/V token of one cache layer, `[kv_heads, tokens, head_dim]` each, plus the prefill
     queries an IceCache layer kept for its index (None otherwise)."""
     if isinstance(layer, IceCacheLayer):
-        sparse = layer.sparse
+        sparse = layer.sparse  # one sequence
         n = sparse.num_tokens
         return sparse.host.keys(0, n), sparse.host.v[:, :n].to(sparse.host.device), sparse.prefill_queries
     if layer.keys is None or layer.keys.numel() == 0:
@@ -233,19 +338,20 @@ def icecache_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
                        attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                        **kwargs) -> tuple[torch.Tensor, None]:
     """Attention function for `AttentionInterface`: dense SDPA for prefill chunks, the paged sparse path for
-    decode steps of sparse layers. `query` is `[1, q_heads, q_len, head_dim]`; `scaling` is the model's own
+    decode steps of sparse layers. `query` is `[batch, q_heads, q_len, head_dim]`; `scaling` is the model's own
     softmax scale (e.g. Gemma 3's `query_pre_attn_scalar ** -0.5`), used by the kernel and the index."""
     layer: IceCacheLayer | None = kwargs.pop(_LAYER_KWARG, None)
     if layer is not None and layer.decoding:
         layer.decoding = False
-        out = layer.sparse.decode(query[0, :, 0, :], scaling)
-        return out.view(1, 1, *out.shape), None  # [batch, q_len, heads, head_dim]
+        # each sequence attends to its own sink, window and pages: [batch, q_heads, head_dim]
+        out = torch.stack([row.decode(query[b, :, 0, :], scaling) for b, row in enumerate(layer.rows)])
+        return out.unsqueeze(1), None  # [batch, q_len, heads, head_dim]
     out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                           dropout=dropout, **kwargs)
     if layer is not None:
-        # prefill (or one chunk of it): keep the newest queries for the index build, which waits for the
-        # first decode step, so a chunked prefill builds one index over the whole prompt
-        layer.sparse.note_prefill_queries(query[0], scaling)
+        # prefill (or one chunk of it): learn the padding, keep the newest queries for the index build, which
+        # waits for the first decode step, so a chunked prefill builds one index over the whole prompt
+        layer.note_prefill(query, attention_mask, scaling)
     return out, weights
 
 

@@ -3,18 +3,19 @@
     prefill      -> dense attention over the prompt (transformers' SDPA), then `admit`: sink and window
                     go to the device tier, everything between them builds the index
     decode step  -> admit the new token (the window's oldest token moves into the index)
-                 -> search: the index picks pages for this step's queries
-                 -> page table: page ids -> token positions
-                 -> bulk load: only pages not already on the device move, through one staging buffer
-                 -> gather attention over sink + window + selected pages
-                 -> with layer reuse, a leader then prefetches its followers' pages: their copies run on
-                    the side stream while the GPU computes this layer and the next ones
+                 -> select: the index picks pages for this step's queries
+                 -> plan (`DecodePlan`): pages -> retrieval slots, and the misses' token positions
+                 -> load: only pages not already on the device move, through one staging buffer
+                 -> attend: gather attention over sink + window + selected pages
+                 -> with layer reuse, a leader then hands its plan to its followers, which start loading
+                    its pages: on CUDA the copies run on the side stream while the GPU computes on
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -30,6 +31,31 @@ BUILD_QUERY_POSITIONS = 64
 AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class DecodePlan:
+    """One sequence's decode step in one layer, decided before anything moves.
+
+    Attributes:
+        page_ids: `[kv_heads, max_pages]` index pages attended besides sink and window, best first, -1
+            padded (a follower layer receives its leader's plan and attends the same pages).
+        slots: `[kv_heads, max_pages]` the retrieval slot each selected page occupies this step.
+        load_heads, load_slots, load_pages: `[m]` the selected pages not resident yet: KV head, slot, page.
+        load_positions: `[m, page_size]` their global token positions in the host tier (-1: empty slot).
+    """
+
+    page_ids: torch.Tensor
+    slots: torch.Tensor
+    load_heads: torch.Tensor
+    load_slots: torch.Tensor
+    load_pages: torch.Tensor
+    load_positions: torch.Tensor
+
+    @property
+    def selected(self) -> int:
+        """Pages selected over all KV heads."""
+        return int((self.page_ids >= 0).sum())
+
+
 class SparseLayer:
     """Paged KV state and sparse decode attention for one transformer layer (batch size 1).
 
@@ -40,16 +66,17 @@ class SparseLayer:
         kernel: decode attention over the device tier (default: the torch reference).
         leader: with layer reuse (IceCache(r)), the layer whose index and page choice this layer shares;
             this layer then only loads its own K/V for the leader's pages.
+        prefetch: a follower starts loading as soon as its leader's plan arrives (False: at its own turn).
     """
 
     def __init__(self, index: TokenIndex, budget: Budget, kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, kernel: AttentionKernel = paged_decode_attention_reference,
-                 profile: bool = False, leader: "SparseLayer | None" = None) -> None:
+                 profile: bool = False, leader: "SparseLayer | None" = None, prefetch: bool = True) -> None:
         self.index, self.budget, self.kernel, self.profile = index, budget, kernel, profile
-        self.leader = leader
+        self.leader, self.prefetch = leader, prefetch
         self.followers: list[SparseLayer] = []
         self._stale_pages: list[torch.Tensor] = []  # index changes a follower has not applied yet
-        self.last_page_ids: torch.Tensor | None = None
+        self._leader_plan: DecodePlan | None = None  # follower: the leader's plan for the current step
         self.index_signature: tuple | None = None  # set by IceRuntime: when an index may be copied
         if leader is not None:
             if leader.index is not index:
@@ -79,6 +106,12 @@ class SparseLayer:
     def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Keep new tokens `[kv_heads, m, head_dim]` in the host tier (placed later by `admit`)."""
         self.host.append(k, v)
+
+    def drop_first(self, n: int) -> None:
+        """Forget the first `n` stored tokens (left padding), before any was placed."""
+        if self.admitted:
+            raise RuntimeError("drop_first() must run before tokens are placed (at the first prefill chunk)")
+        self.host.drop_first(n)
 
     def note_prefill_queries(self, queries: torch.Tensor, scale: float | None) -> None:
         """Keep the newest `BUILD_QUERY_POSITIONS` prefill queries `[q_heads, m, head_dim]` (over chunks)
@@ -127,6 +160,11 @@ class SparseLayer:
 
     def decode(self, query: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         """Attention output `[q_heads, head_dim]` of the newest token's `query` `[q_heads, head_dim]`."""
+        return self.step(query, scale)[0]
+
+    def step(self, query: torch.Tensor, scale: float | None = None) -> tuple[torch.Tensor, DecodePlan]:
+        """One decode step: admit -> select pages -> plan -> load -> attend, then hand the plan to the
+        followers. Returns the attention output `[q_heads, head_dim]` and the step's `DecodePlan`."""
         if scale is not None:
             self.scale = float(scale)
         self.admit()
@@ -137,33 +175,69 @@ class SparseLayer:
         clock = self._clock()
         page_ids = self.select_pages(group_queries)
         searched = self._clock()
-        self.load_pages(page_ids)
+        plan = self.plan(page_ids)
+        self.load(plan)
         self.loader.wait()  # the compute stream waits for this layer's copies (prefetched or not)
         loaded = self._clock()
         out = self.kernel(query, self.tier.k, self.tier.v, self.tier.attention_mask(),
                           self.scale if self.scale is not None else 1.0 / math.sqrt(self.head_dim))
         done = self._clock()
         for follower in self.followers:
-            follower.prefetch(page_ids)
+            follower.receive(plan)
 
         self.stats.steps += 1
+        self.stats.pages_selected += plan.selected
         self.stats.seconds["search"] += searched - clock
         self.stats.seconds["transfer"] += loaded - searched
         self.stats.seconds["attention"] += done - loaded
-        return out
+        return out, plan
 
-    def prefetch(self, page_ids: torch.Tensor) -> None:
-        """Follower only: start loading the leader's page choice for this step before this layer runs.
+    def select_pages(self, group_queries: torch.Tensor) -> torch.Tensor:
+        """Page ids `[kv_heads, n]` (-1 padded) to attend besides sink and window: the index's search, all
+        pages when everything retrievable fits the budget, or (a follower) the leader's choice."""
+        if self.leader is not None:
+            if self._leader_plan is None:
+                raise RuntimeError("a follower layer decodes after its leader in the same step")
+            pages, self._leader_plan = self._leader_plan.page_ids, None
+            return pages
+        if self.index.num_tokens <= self.budget.retrieval_tokens:
+            # everything retrievable fits in the budget: keep every page, no search
+            all_pages = torch.arange(self.index.num_pages, dtype=torch.long, device=group_queries.device)
+            self.tier.grow_retrieval_slots(self.index.num_pages)
+            return all_pages.unsqueeze(0).expand(self.kv_heads, -1)
+        # pages are ranked by their share of each query head's *whole* attention, sink and window included
+        resident = (self.tier.resident_logsumexp(group_queries, self.index.scale)
+                    if self.index.uses_resident_lse else None)
+        return self.index.search(group_queries, self.budget.max_pages, resident)
 
-        Issued right after the leader's attention, so on CUDA the copies overlap the leader's remaining
-        compute and the layers between; `decode` then finds the pages resident. Skipped when a page could
-        hold a token this layer has not stored yet (a window of 0)."""
-        if self.budget.window == 0:
+    def plan(self, page_ids: torch.Tensor) -> DecodePlan:
+        """Assign this step's pages to retrieval slots (keeping resident ones) and list what must move."""
+        miss, slot = self.tier.assign(page_ids.to(self.tier.slot_page.device))
+        heads, rank = miss.nonzero(as_tuple=True)
+        missing_pages = page_ids.to(miss.device)[heads, rank]
+        table = self.index.page_table  # gather the rows where the index keeps them, not the whole table
+        local = table[heads.to(table.device), missing_pages.to(table.device)]  # [m, page_size]
+        positions = torch.where(local >= 0, local + self.index_start, local)
+        return DecodePlan(page_ids, slot, heads, slot[heads, rank], missing_pages, positions)
+
+    def load(self, plan: DecodePlan) -> None:
+        """Move the plan's missing pages from the host tier into their device slots (one bulk copy)."""
+        self.stats.bytes_moved += self.loader.load(self.host, self.tier, plan.load_heads, plan.load_slots,
+                                                   plan.load_positions)
+        self.tier.slot_page[plan.load_heads, plan.load_slots] = plan.load_pages
+        self.stats.pages_loaded += int(plan.load_heads.numel())
+
+    def receive(self, leader_plan: DecodePlan) -> None:
+        """Follower only: the leader's plan for this step. Its page choice is this layer's; the loads start
+        now, so on CUDA the copies overlap the leader's remaining compute and the layers between (skipped
+        when a page could hold a token this layer has not stored yet: a window of 0)."""
+        self._leader_plan = leader_plan
+        self.tier.grow_retrieval_slots(self.leader.tier.retrieval_slots)
+        self._apply_leader_changes()  # before loading: a changed page must not be taken as resident
+        if not self.prefetch or self.budget.window == 0:
             return
         start = self._clock()
-        self._apply_leader_changes()  # before loading: a changed page must not be taken as resident
-        self.tier.grow_retrieval_slots(self.leader.tier.retrieval_slots)
-        self._load_missing(page_ids)
+        self.load(self.plan(leader_plan.page_ids))
         self.stats.seconds["transfer"] += self._clock() - start
 
     def _apply_leader_changes(self) -> None:
@@ -171,39 +245,6 @@ class SparseLayer:
         for changed in self._stale_pages:
             self.tier.invalidate(changed)
         self._stale_pages.clear()
-
-    def select_pages(self, group_queries: torch.Tensor) -> torch.Tensor:
-        """Page ids `[kv_heads, n]` (-1 padded) to attend besides sink and window."""
-        if self.leader is not None:
-            self.tier.grow_retrieval_slots(self.leader.tier.retrieval_slots)
-            return self.leader.last_page_ids
-        if self.index.num_tokens <= self.budget.retrieval_tokens:
-            # everything retrievable fits in the budget: keep every page, no search
-            all_pages = torch.arange(self.index.num_pages, dtype=torch.long, device=group_queries.device)
-            self.tier.grow_retrieval_slots(self.index.num_pages)
-            self.last_page_ids = all_pages.unsqueeze(0).expand(self.kv_heads, -1)
-        else:
-            # pages are ranked by their share of each query head's *whole* attention, sink and window included
-            resident = (self.tier.resident_logsumexp(group_queries, self.index.scale)
-                        if self.index.uses_resident_lse else None)
-            self.last_page_ids = self.index.search(group_queries, self.budget.max_pages, resident)
-        return self.last_page_ids
-
-    def load_pages(self, page_ids: torch.Tensor) -> None:
-        """Make the selected pages resident in device slots, moving only those not already there."""
-        self._load_missing(page_ids)
-        self.stats.pages_selected += int((page_ids >= 0).sum())
-
-    def _load_missing(self, page_ids: torch.Tensor) -> None:
-        miss, slot = self.tier.assign(page_ids.to(self.tier.slot_page.device))
-        heads, rank = miss.nonzero(as_tuple=True)
-        missing_pages = page_ids.to(miss.device)[heads, rank]
-        table = self.index.page_table  # gather the rows where the index keeps them, not the whole table
-        local = table[heads.to(table.device), missing_pages.to(table.device)]  # [m, page_size]
-        positions = torch.where(local >= 0, local + self.index_start, local)
-        self.stats.bytes_moved += self.loader.load(self.host, self.tier, heads, slot[heads, rank], positions)
-        self.tier.slot_page[heads, slot[heads, rank]] = missing_pages
-        self.stats.pages_loaded += int(heads.numel())
 
     def resident_nbytes(self) -> int:
         """Bytes of K/V this layer holds on the device tier."""

@@ -44,6 +44,7 @@ class LayerReport:
     tokens: int  # tokens this layer has seen
     device_kv_bytes: int  # K/V resident on the device tier
     full_kv_bytes: int  # what transformers' own cache would hold for this layer (a sliding layer: its window)
+    sequence: int | None = None  # a sparse layer reports each sequence of the batch; others the whole batch
 
 
 @dataclass
@@ -143,13 +144,13 @@ class IceRuntime:
         transfers = TransferStats()
         fills, layers = [], []
         for i, layer in enumerate(cache.layers):
-            sparse = getattr(layer, "sparse", None)
-            if sparse is not None:
+            for b, sparse in enumerate(getattr(layer, "rows", ())):  # a sparse layer: one report per sequence
                 transfers.add(sparse.stats)
                 if sparse.index.kv_heads is not None:  # built (at the first decode step)
                     fills.append(sparse.index.page_fill())
-                layers.append(LayerReport(i, "sparse", sparse.num_tokens, sparse.resident_nbytes(), sparse.host.nbytes()))
-            elif getattr(layer, "keys", None) is not None and layer.keys.numel():
+                layers.append(LayerReport(i, "sparse", sparse.num_tokens, sparse.resident_nbytes(),
+                                          sparse.host.nbytes(), sequence=b))
+            if getattr(layer, "keys", None) is not None and layer.keys.numel():
                 size = layer.keys.numel() * layer.keys.element_size() * 2
                 sliding = getattr(layer, "is_sliding", False)
                 layers.append(LayerReport(i, "sliding" if sliding else "dense", layer.get_seq_length(), size, size))

@@ -39,6 +39,13 @@ class HostTier:
         self.v[:, self.length : need] = v.to(self.v.device)
         self.length = need
 
+    def drop_first(self, n: int) -> None:
+        """Forget the first `n` tokens (a sequence's left padding); later positions move down by `n`."""
+        keep = self.length - n
+        self.k[:, :keep] = self.k[:, n : self.length].clone()
+        self.v[:, :keep] = self.v[:, n : self.length].clone()
+        self.length = keep
+
     def keys(self, start: int, end: int) -> torch.Tensor:
         """Keys of positions `start .. end - 1` on the compute device, `[kv_heads, end - start, head_dim]`."""
         return self.k[:, start:end].to(self.device)

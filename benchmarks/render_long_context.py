@@ -1,0 +1,228 @@
+"""Write benchmarks/LONG_CONTEXT.md from the committed JSON under benchmarks/gemma3/, so that the long-context
+figures quoted in the README and docs cannot drift from the runs (tests/test_bench_tools.py re-renders and
+compares).
+
+    .venv/bin/python benchmarks/render_long_context.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "gemma3"
+OUT = HERE / "LONG_CONTEXT.md"
+
+
+def _load(name: str) -> dict | None:
+    path = DATA / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def prefill_section(result: dict) -> str:
+    rows = []
+    for r in result["rows"]:
+        if "error" in r:
+            rows.append([str(r["context"]), r["method"], "failed: " + " ".join(r["error"])] + [""] * 4)
+            continue
+        rows.append([str(r["context"]), r["method"], f"{r['prefill_s']:.0f}",
+                     f"{r['index_build_s']:.1f}" if r["method"] == "icecache" else "-",
+                     f"{r['total_s']:.0f}", f"{r['peak_rss_gib']:.2f}", f"{r['kv_mib']:.0f} / {r['full_kv_mib']:.0f}"])
+    s = result["settings"]
+    return "\n".join([
+        "## Prefill at long context",
+        "",
+        "```bash",
+        f".venv/bin/icecache bench prefill --model {s['model']} --contexts "
+        f"{' '.join(map(str, s['contexts']))} --out benchmarks/gemma3",
+        "```",
+        "",
+        f"Each row is its own process (peak RSS includes loading the model, ~0.94 GiB). icecache: `IceRuntime("
+        f"index=\"{s['index']}\", budget={s['budget']})`, the prompt in {s['chunk']}-token chunks, then the first "
+        "decode step, which builds the three global layers' indexes. transformers chunked: `generate(..., "
+        f"prefill_chunk_size={s['chunk']})`; transformers: one forward over the prompt (skipped above "
+        f"{s['max_unchunked']} tokens).",
+        "",
+        _table(["context", "method", "prefill s", "index build s", "total s", "peak RSS GiB", "KV MiB (device / full)"],
+               rows),
+    ])
+
+
+def recall_section(result: dict) -> str:
+    s = result["settings"]
+    budgets = s["budgets"]
+    parts = ["## Retrieval recall on Gemma 3's global layers", "",
+             "```bash",
+             f".venv/bin/icecache bench recall --model gemma3-270m --contexts {' '.join(map(str, s['contexts']))} "
+             f"--budgets {' '.join(map(str, budgets))} --steps {s['steps']} --out benchmarks/gemma3",
+             "```", "",
+             f"Retrievable attention-mass recall, averaged over the global layers {s.get('layers')}, the KV head, "
+             f"and {s['steps']} greedy decode steps (sink {s['sink']}, window {s['window']}, page {s['page_size']}).",
+             ""]
+    for context in s["contexts"]:
+        rows = [r for r in result["rows"] if r["context"] == context]
+        names = list(dict.fromkeys(r["index"] for r in rows))
+        table_rows = []
+        for name in names:
+            mine = {r["budget"]: r for r in rows if r["index"] == name}
+            last = mine[budgets[-1]]
+            per_layer = " / ".join(f"{v['recall']:.2f}" for v in last["layers"].values())
+            search = "-" if last["search_ms"] is None else f"{last['search_ms']:.2f}"
+            table_rows.append([name] + [f"{mine[b]['recall']:.3f}" for b in budgets] + [per_layer, search])
+        parts += [f"### {context}-token context", "",
+                  _table(["index"] + [str(b) for b in budgets] + [f"per layer @{budgets[-1]}",
+                                                                   f"search ms @{budgets[-1]}"], table_rows), ""]
+    return "\n".join(parts).rstrip()
+
+
+def tasks_section(results: list[dict]) -> str:
+    parts = ["## Tasks at 16k and 32k tokens", ""]
+    for result in results:
+        s = result["settings"]
+        contexts = " ".join(map(str, s["contexts"]))
+        questions = len([r for r in result["records"] if r["method"] == "full KV"])
+        parts += ["```bash",
+                  f".venv/bin/icecache bench tasks --model gemma3-270m --kinds {' '.join(s['kinds'])} --contexts "
+                  f"{contexts} --depths {' '.join(map(str, s['depths']))} --budgets "
+                  f"{' '.join(map(str, s['budgets']))} --out ...   # {result['wall_seconds']:.0f} s",
+                  "```", "",
+                  f"{questions} questions at ~{contexts} tokens ({len(s['depths'])} depths per kind), Q/A framing "
+                  f"(`frame=\"{s.get('frame', 'inline')}\"`), greedy, exact match.", ""]
+        rows = []
+        for row in result["summary"]:
+            rows.append([row["method"], str(row["budget"])] + [f"{row[k]:.2f}" for k in s["kinds"]]
+                        + [f"{row['accuracy']:.2f}", f"{row['of_full_kv']:.2f}"])
+        parts += [_table(["method", "budget", *s["kinds"], "all", "kept of full KV"], rows), ""]
+    return "\n".join(parts).rstrip()
+
+
+def latency_section(result: dict) -> str:
+    s = result["settings"]
+    rows = []
+    for r in result["rows"]:
+        rows.append([str(r["context"]), r["method"], f"{r['step_ms']:.0f}", f"{r['ratio']:.2f}",
+                     "-" if r.get("search_ms") is None else f"{r['search_ms']:.1f}",
+                     "-" if r.get("transfer_ms") is None else f"{r['transfer_ms']:.1f}",
+                     "-" if r.get("attention_ms") is None else f"{r['attention_ms']:.1f}",
+                     f"{r['device_kv_mib']:.1f}", f"{r.get('sparse_layer_kv_ratio', 1.0):.3f}"])
+    contexts = " ".join(map(str, s["contexts"]))
+    return "\n".join([
+        "## Decode latency on the real model", "",
+        "```bash",
+        f".venv/bin/icecache bench latency --model gemma3-270m --contexts {contexts} --budget {s['budget']} "
+        f"--steps {s['steps']} --out benchmarks/gemma3",
+        "```", "",
+        "ms per decoded token (all 18 layers, the 262k-entry LM head included), float32 on the CPU; search, "
+        "transfer and attention summed over the three sparse layers; 'sparse layer KV / full' is the largest "
+        "device-tier share of full KV over the global layers (the budget rule allows (budget + window) / "
+        "context).", "",
+        _table(["context", "method", "ms/token", "vs full KV", "search ms", "transfer ms", "attention ms",
+                "device KV MiB", "sparse layer KV / full"], rows),
+    ])
+
+
+def demo_section(result: dict) -> str:
+    s = result["settings"]
+    rows = []
+    for r in result["rows"]:
+        tps = r["new_tokens"] / r["seconds"] if r["seconds"] else 0.0
+        sparse = r["sparse_device_bytes"] / r["sparse_full_bytes"] if r["sparse_full_bytes"] else 1.0
+        rows.append([r["method"], r["budget"], f"{r['correct']}/{r['total']}", f"{tps:.1f}",
+                     f"{r['device_kv_bytes'] / 2**20:.1f}", f"{sparse:.3f}"])
+    return "\n".join([
+        "## Demo at 16k", "",
+        "```bash",
+        f".venv/bin/icecache demo --model {s['model']} --context {s['context']}   # {result['wall_seconds']:.0f} s wall",
+        "```", "",
+        _table(["method", "budget", "accuracy", "decode tok/s", "device KV MiB", "sparse layers vs full KV"], rows),
+    ])
+
+
+def render() -> str:
+    sections = ["# Long context: Gemma 3 270M",
+                "",
+                "Generated by `benchmarks/render_long_context.py` from the JSON under `benchmarks/gemma3/`; every "
+                "figure was measured on this project's shared 2-core CPU (no GPU), float32, `pydoc_data` prose. "
+                "Gemma 3 270M: 18 layers, full attention at layers 5, 11 and 17 (sparse under icecache), a "
+                "512-token sliding window elsewhere (kept as is: no index, no offload); 1 KV head, head_dim 256."]
+    for name, section in (("prefill.json", prefill_section), ("recall.json", recall_section),
+                          ("latency.json", latency_section), ("demo.json", demo_section)):
+        result = _load(name)
+        if result is not None:
+            sections += ["", section(result)]
+        if name == "recall.json":
+            tasks = [r for r in (_load("tasks16k/tasks.json"), _load("tasks32k/tasks.json")) if r is not None]
+            if tasks:
+                sections += ["", tasks_section(tasks)]
+    return "\n".join(sections) + "\n"
+
+
+README = HERE.parent / "README.md"
+START, END = "<!-- long-context:start -->", "<!-- long-context:end -->"
+
+
+def readme_block() -> str:
+    """The README's long-context summary: a few lines, each from one committed JSON."""
+    lines = []
+    prefill = _load("prefill.json")
+    if prefill:
+        for r in prefill["rows"]:
+            if r["method"] == "icecache" and "error" not in r:
+                peers = [p for p in prefill["rows"] if p["context"] == r["context"] and p["method"] != "icecache"
+                         and "error" not in p]
+                others = "; ".join(f"{p['method']} {p['total_s']:.0f} s, {p['peak_rss_gib']:.1f} GiB" for p in peers)
+                lines.append(f"- prefill of {r['context']} tokens: {r['total_s']:.0f} s with icecache (index build "
+                             f"included), peak RSS {r['peak_rss_gib']:.1f} GiB ({others})")
+    recall = _load("recall.json")
+    if recall:
+        top = max(recall["settings"]["contexts"])
+        budget = max(recall["settings"]["budgets"])
+        row = {r["index"]: r["recall"] for r in recall["rows"] if r["context"] == top and r["budget"] == budget}
+        ranked = ", ".join(f"{name} {value:.3f}" for name, value in sorted(row.items(), key=lambda kv: -kv[1]))
+        lines.append(f"- retrieval recall at {top} tokens, budget {budget}: {ranked}")
+    for name in ("tasks16k/tasks.json", "tasks32k/tasks.json"):
+        tasks = _load(name)
+        if tasks:
+            context = tasks["settings"]["contexts"][0]
+            n = len([r for r in tasks["records"] if r["method"] == "full KV"])
+            full = next(r for r in tasks["summary"] if r["method"] == "full KV")
+            kept = ", ".join(f"{r['method']}@{r['budget']} {r['of_full_kv']:.2f}" for r in tasks["summary"]
+                             if r["method"] in ("tree", "exact"))
+            lines.append(f"- tasks at ~{context} tokens ({n} questions; full KV answers {full['accuracy']:.2f}): "
+                         f"share of full KV's answers kept: {kept}")
+    latency = _load("latency.json")
+    if latency:
+        top = max(latency["settings"]["contexts"])
+        rows = {r["method"]: r for r in latency["rows"] if r["context"] == top}
+        if "tree" in rows:
+            lines.append(f"- decode at {top} tokens, budget {latency['settings']['budget']}: full KV "
+                         f"{rows['full KV']['step_ms']:.0f} ms/token, tree {rows['tree']['step_ms']:.0f} "
+                         f"({rows['tree']['ratio']:.2f}x); each global layer holds "
+                         f"{rows['tree']['sparse_layer_kv_ratio']:.3f} of its full KV on the device")
+    demo = _load("demo.json")
+    if demo:
+        s = demo["settings"]
+        lines.append(f"- `icecache demo --model {s['model']} --context {s['context']}`: "
+                     f"{demo['wall_seconds'] / 60:.0f} minutes on this 2-core CPU")
+    return "\n".join(lines)
+
+
+def sync_readme(text: str) -> str:
+    """`text` (the README) with its long-context block replaced by `readme_block()`."""
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{readme_block()}\n{END}{tail}"
+
+
+if __name__ == "__main__":
+    OUT.write_text(render())
+    README.write_text(sync_readme(README.read_text()))
+    print(f"wrote {OUT} and the README's long-context block", file=sys.stderr)
