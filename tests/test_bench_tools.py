@@ -41,3 +41,26 @@ def test_long_context_results_are_rendered_from_the_committed_json():
     assert (root / "benchmarks" / "LONG_CONTEXT.md").read_text() == render.render()
     readme = (root / "README.md").read_text()
     assert readme == render.sync_readme(readme)
+
+
+@pytest.mark.model
+def test_latency_bench_accounts_every_phase_per_batch(smollm, tmp_path):
+    from icecache.bench.latency import format_latency, plot_latency, run_latency
+
+    _, tokenizer = smollm
+    model = random_model("smollm2-135m", layers=4)
+    result = run_latency(model, tokenizer, contexts=(600,), indexes=("exact", "tree"), budget=64, steps=2,
+                         warmup=1, batches=(1, 2), floor_context=300)
+    rows = result["rows"]
+    assert [(r["batch"], r["method"]) for r in rows] == [
+        (1, "floor (full KV)"), (2, "floor (full KV)"), (1, "full KV"), (1, "exact"), (1, "tree"),
+        (2, "full KV"), (2, "exact"), (2, "tree")]
+    for r in rows:
+        if r["method"] in ("exact", "tree"):
+            phases = r["search_ms"] + r["transfer_ms"] + r["attention_ms"] + r["other_ms"]
+            assert phases == pytest.approx(r["step_ms"]) and r["other_ms"] > 0
+            assert r["sparse_layer_kv_ratio"] <= (64 + 32) / 600
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] * 1e3 / r["step_ms"])
+    assert "other ms" in format_latency(result)
+    plot_latency(result, tmp_path / "latency.png")
+    assert (tmp_path / "latency.png").stat().st_size > 0

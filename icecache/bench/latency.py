@@ -50,14 +50,17 @@ def _prefill_attention_ms(keys: torch.Tensor, q_heads: int) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _build_ms(name: str, keys: torch.Tensor, queries: torch.Tensor | None, page_size: int, sink: int,
-              window: int) -> float:
-    """Time to build `name`'s index over one layer's retrievable keys (what prefill adds per layer)."""
+def _build_ms(name: str, keys: torch.Tensor, queries: torch.Tensor | None, runtime_options: dict,
+              budget: int) -> float:
+    """Time to build `name`'s index, with the runtime's index options, over one layer's retrievable keys
+    (what the first decode step adds per layer)."""
     from ..index import get_index
 
-    index = get_index(name, head_dim=keys.shape[-1], page_size=page_size)
+    probe = IceRuntime(index=name, budget=budget, **runtime_options)
+    b = probe.budget
+    index = get_index(name, head_dim=keys.shape[-1], page_size=b.page_size, **probe.index_options)
     start = time.perf_counter()
-    index.build(keys[:, sink: keys.shape[1] - window], queries)
+    index.build(keys[:, b.sink: keys.shape[1] - b.window], queries)
     return (time.perf_counter() - start) * 1e3
 
 
@@ -67,56 +70,89 @@ def _sparse_layer_kv_ratio(report) -> float:
     return max((l.device_kv_bytes / l.full_kv_bytes for l in report.layers if l.kind == "sparse"), default=1.0)
 
 
+def _row(context: int, batch: int, method: str, step: float, full_step: float, **extra) -> dict:
+    return {"context": context, "batch": batch, "method": method, "step_ms": step * 1e3, "ratio": step / full_step,
+            "tokens_per_s": batch / step, **extra}
+
+
 def run_latency(model, tokenizer, contexts=(1024, 2048, 4096, 8192), indexes=None, budget: int = 256,
                 steps: int = 16, warmup: int = 2, runtime_options: dict | None = None,
-                prose: str | None = None) -> dict:
+                prose: str | None = None, batches=(1,), floor_context: int = 300) -> dict:
+    """Time decode steps: full KV beside every index, per context and batch size, in one run.
+
+    Every method is timed the same way (no synchronisation inside the step); on CUDA the per-phase split
+    comes from a second, profiled pass (`IceRuntime(profile=True)` synchronises around each phase), on the
+    CPU from the same pass. "other" is the step minus search, transfer and attention: the model's own
+    layers (MLPs, projections, dense and sliding layers, LM head) and the runtime's overhead. A batch of `b`
+    decodes `b` copies of one prompt (`IceCache.batch_repeat_interleave`), each with its own pages. The
+    floor row is full KV at `floor_context` tokens: what a decode step costs when the context is short.
+    """
     indexes = list(indexes or available_indexes())
     runtime_options = runtime_options or {}
     device = next(model.parameters()).device
     rows = []
-    bar = tqdm(total=len(contexts) * (len(indexes) + 1), desc="latency", unit="run")
+    bar = tqdm(total=(len(contexts) * (len(indexes) + 1) + 1) * len(batches), desc="latency", unit="run")
+    for batch in batches:
+        base, first = shared_prefill(model, prompt_ids(tokenizer, floor_context, prose).to(device), budget)
+        full = full_kv_copy(base)
+        full.batch_repeat_interleave(batch)
+        floor = _time_decode(model, full, first.repeat(batch, 1), steps, warmup)
+        rows.append(_row(floor_context, batch, "floor (full KV)", floor, floor))
+        bar.update(1)
     for context in contexts:
         ids = prompt_ids(tokenizer, context, prose).to(device)
         base, first = shared_prefill(model, ids, budget)
-        full_step = _time_decode(model, full_kv_copy(base), first, steps, warmup)
-        full_bytes = sum(l.keys.numel() * l.keys.element_size() * 2 for l in full_kv_copy(base).layers)
         probe = base.sparse_layers[0]  # one sparse layer's real keys and prefill queries
         probe_keys = probe.host.keys(0, probe.num_tokens)
-        rows.append({"context": context, "method": FULL, "step_ms": full_step * 1e3, "ratio": 1.0,
-                     "device_kv_mib": full_bytes / 2**20, "sparse_layer_kv_ratio": 1.0,
-                     "prefill_ms": _prefill_attention_ms(probe_keys, model.config.num_attention_heads)})
-        bar.update(1)
-        for name in indexes:
-            runtime = IceRuntime(index=name, budget=budget, profile=True, **runtime_options)
-            cache = runtime.new_cache(model, prefill=base)
-            step = _time_decode(model, cache, first, steps, warmup)
-            report = runtime.report(cache)
-            done = report.transfers.steps or 1
-            layers = sum(1 for _ in cache.sparse_layers) or 1
-            per_step = lambda s: s / done * layers * 1e3  # per decode step, all sparse layers together
-            rows.append({"context": context, "method": name, "step_ms": step * 1e3, "ratio": step / full_step,
-                         "search_ms": per_step(report.transfers.seconds["search"]),
-                         "transfer_ms": per_step(report.transfers.seconds["transfer"]),
-                         "attention_ms": per_step(report.transfers.seconds["attention"]),
-                         "kib_moved_per_step": report.transfers.bytes_moved / done * layers / 1024,
-                         "hit_rate": report.transfers.hit_rate,
-                         "device_kv_mib": report.device_kv_bytes / 2**20,
-                         "sparse_layer_kv_ratio": _sparse_layer_kv_ratio(report),
-                         "prefill_ms": _build_ms(name, probe_keys, probe.prefill_queries, runtime.budget.page_size,
-                                                 runtime.budget.sink, runtime.budget.window)})
+        prefill_attention = _prefill_attention_ms(probe_keys, model.config.num_attention_heads)
+        builds = {name: _build_ms(name, probe_keys, probe.prefill_queries, runtime_options, budget)
+                  for name in indexes}
+        for batch in batches:
+            tokens = first.repeat(batch, 1)
+            full = full_kv_copy(base)
+            full.batch_repeat_interleave(batch)
+            full_step = _time_decode(model, full, tokens, steps, warmup)
+            full_bytes = sum(l.keys.numel() * l.keys.element_size() * 2 for l in full.layers)
+            rows.append(_row(context, batch, FULL, full_step, full_step, device_kv_mib=full_bytes / 2**20,
+                             sparse_layer_kv_ratio=1.0, other_ms=full_step * 1e3, prefill_ms=prefill_attention))
             bar.update(1)
+            for name in indexes:
+                def fresh(profile: bool):
+                    runtime = IceRuntime(index=name, budget=budget, profile=profile, **runtime_options)
+                    cache = runtime.new_cache(model, prefill=base)
+                    cache.batch_repeat_interleave(batch)
+                    return runtime, cache
+
+                runtime, cache = fresh(profile=False)
+                step = _time_decode(model, cache, tokens, steps, warmup)
+                if device.type == "cuda":  # phases from a synchronised pass, so the timed one has no extra syncs
+                    runtime, cache = fresh(profile=True)
+                    _time_decode(model, cache, tokens, steps, warmup)
+                report = runtime.report(cache)
+                per_layer_steps = report.transfers.steps / max(1, len(cache.sparse_layers)) or 1
+                phase = {k: v / per_layer_steps * 1e3 for k, v in report.transfers.seconds.items()}
+                rows.append(_row(
+                    context, batch, name, step, full_step,
+                    search_ms=phase["search"], transfer_ms=phase["transfer"], attention_ms=phase["attention"],
+                    other_ms=step * 1e3 - sum(phase.values()),
+                    kib_moved_per_step=report.transfers.bytes_moved / per_layer_steps / 1024,
+                    hit_rate=report.transfers.hit_rate, device_kv_mib=report.device_kv_bytes / 2**20,
+                    sparse_layer_kv_ratio=_sparse_layer_kv_ratio(report), prefill_ms=builds[name]))
+                bar.update(1)
     bar.close()
     return {"benchmark": "latency", "environment": environment(),
             "settings": {"contexts": list(contexts), "budget": budget, "steps": steps, "warmup": warmup,
+                         "batches": list(batches), "floor_context": floor_context,
                          "runtime_options": runtime_options},
             "rows": rows}
 
 
-COLUMNS = [("context", "context", "d"), ("method", "method", ""), ("step_ms", "ms/token", ".1f"),
-           ("ratio", "vs full KV", ".2f"), ("search_ms", "search ms", ".2f"), ("transfer_ms", "transfer ms", ".2f"),
-           ("attention_ms", "attention ms", ".2f"), ("kib_moved_per_step", "KiB moved/token", ".0f"),
-           ("hit_rate", "hit rate", ".2f"), ("device_kv_mib", "device KV MiB", ".1f"),
-           ("sparse_layer_kv_ratio", "sparse layer KV / full", ".3f"),
+COLUMNS = [("context", "context", "d"), ("batch", "batch", "d"), ("method", "method", ""),
+           ("step_ms", "ms/step", ".1f"), ("ratio", "vs full KV", ".2f"), ("tokens_per_s", "tokens/s", ".1f"),
+           ("search_ms", "search ms", ".2f"), ("transfer_ms", "transfer ms", ".2f"),
+           ("attention_ms", "attention ms", ".2f"), ("other_ms", "other ms", ".1f"),
+           ("kib_moved_per_step", "KiB moved/step", ".0f"), ("hit_rate", "hit rate", ".2f"),
+           ("device_kv_mib", "device KV MiB", ".1f"), ("sparse_layer_kv_ratio", "sparse layer KV / full", ".3f"),
            ("prefill_ms", "prefill attn / index build ms per layer", ".1f")]
 
 
@@ -125,22 +161,31 @@ def format_latency(result: dict) -> str:
 
 
 def plot_latency(result: dict, path) -> None:
+    """ms per decode step against context, one line per method and batch size; full KV and the floor dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
     rows = result["rows"]
-    for name in dict.fromkeys(r["method"] for r in rows):
-        pts = sorted((r["context"], r["step_ms"]) for r in rows if r["method"] == name)
-        ax.plot(*zip(*pts), marker="o", label=name, linewidth=2.5 if name == FULL else 1.5)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context (tokens)")
-    ax.set_ylabel("decode time per token (ms)")
-    ax.set_title(f"budget {result['settings']['budget']} - {result['environment']['device']}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    batches = sorted({r.get("batch", 1) for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        mine = [r for r in rows if r.get("batch", 1) == batch]
+        for name in dict.fromkeys(r["method"] for r in mine):
+            if name.startswith("floor"):
+                floor = next(r["step_ms"] for r in mine if r["method"] == name)
+                ax.axhline(floor, color="gray", linestyle="--", label=f"floor: full KV at {result['settings'].get('floor_context', 300)} tokens")
+                continue
+            pts = sorted((r["context"], r["step_ms"]) for r in mine if r["method"] == name)
+            ax.plot(*zip(*pts), marker="o", label=name, linestyle="--" if name == FULL else "-",
+                    linewidth=2.5 if name == FULL else 1.5)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("decode time per step (ms)")
+        ax.set_title(f"batch {batch}, budget {result['settings']['budget']} - {result['environment']['device']}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
