@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from icecache.bench.tasks import summarize
+
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "gemma3"
 OUT = HERE / "LONG_CONTEXT.md"
@@ -97,10 +99,16 @@ def tasks_section(results: list[dict]) -> str:
                   f"{questions} questions at ~{contexts} tokens ({len(s['depths'])} depths per kind), Q/A framing "
                   f"(`frame=\"{s.get('frame', 'inline')}\"`), greedy, exact match.", ""]
         rows = []
-        for row in result["summary"]:
+        for row in summarize(result["records"]):  # recomputed: intervals and paired tests from the records
+            paired = lambda key: (f"+{row[key + '_gained']}/-{row[key + '_lost']} p={row[key + '_p']:.2f}"
+                                  if key + "_p" in row else "-")
             rows.append([row["method"], str(row["budget"])] + [f"{row[k]:.2f}" for k in s["kinds"]]
-                        + [f"{row['accuracy']:.2f}", f"{row['of_full_kv']:.2f}"])
-        parts += [_table(["method", "budget", *s["kinds"], "all", "kept of full KV"], rows), ""]
+                        + [f"{row['accuracy']:.2f}", f"{row['ci_low']:.2f}-{row['ci_high']:.2f}",
+                           f"{row['of_full_kv']:.2f}", paired("vs_full"), paired("vs_exact")])
+        parts += [_table(["method", "budget", *s["kinds"], "all", "95% CI", "kept of full KV", "vs full KV",
+                          "vs exact"], rows), "",
+                  "'vs full KV' / 'vs exact': questions only this row answers (+) and only the other answers (-), "
+                  "with McNemar's exact p.", ""]
     return "\n".join(parts).rstrip()
 
 
@@ -193,8 +201,9 @@ def readme_block() -> str:
         if tasks:
             context = tasks["settings"]["contexts"][0]
             n = len([r for r in tasks["records"] if r["method"] == "full KV"])
-            full = next(r for r in tasks["summary"] if r["method"] == "full KV")
-            kept = ", ".join(f"{r['method']}@{r['budget']} {r['of_full_kv']:.2f}" for r in tasks["summary"]
+            summary = summarize(tasks["records"])
+            full = next(r for r in summary if r["method"] == "full KV")
+            kept = ", ".join(f"{r['method']}@{r['budget']} {r['of_full_kv']:.2f}" for r in summary
                              if r["method"] in ("tree", "exact"))
             lines.append(f"- tasks at ~{context} tokens ({n} questions; full KV answers {full['accuracy']:.2f}): "
                          f"share of full KV's answers kept: {kept}")

@@ -11,7 +11,9 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-TASK_KINDS = ("passkey", "multikey", "multivalue", "vartrack")
+TASK_KINDS = ("passkey", "multikey", "multivalue", "vartrack", "twohop")
+#: haystack prose that ships with Python or a dependency, by name (`prose_source(name)`)
+PROSE_SOURCES = ("pydoc", "numpy")
 #: how a question is framed: "inline" (instruct models: the question, then the start of the answer) or "qa"
 #: (base models: needles as paragraphs of their own, then "Question: ...\nAnswer: ...", completion-style)
 FRAMES = ("inline", "qa")
@@ -30,6 +32,44 @@ def default_prose() -> str:
             if len(line) > 200 and line.count("(") < len(line) / 40 and not line.startswith((">>>", "+", "|")):
                 paragraphs.append(line)
     return "\n".join(paragraphs)
+
+
+def _prose_paragraph(block: str) -> str | None:
+    line = " ".join(block.split())
+    # keep prose paragraphs, skip code listings, doctests and tables
+    if len(line) > 200 and line.count("(") < len(line) / 40 and not line.startswith((">>>", "+", "|", "..")) \
+            and ">>>" not in line:
+        return line
+    return None
+
+
+@lru_cache(maxsize=1)
+def numpy_prose() -> str:
+    """English prose from numpy's docstrings (summaries and Notes sections; ~20k tokens), one paragraph per line."""
+    import inspect
+
+    import numpy
+
+    paragraphs: dict[str, None] = {}
+    for module in (numpy, numpy.linalg, numpy.fft, numpy.random, numpy.ma, numpy.polynomial):
+        for name in sorted(dir(module)):
+            doc = inspect.getdoc(getattr(module, name, None)) if not name.startswith("_") else None
+            skip = False
+            for block in (doc or "").split("\n\n"):
+                lines = block.splitlines()
+                if len(lines) >= 2 and set(lines[1].strip()) == {"-"}:  # a numpydoc section header
+                    skip = lines[0].strip() not in ("Notes", "Extended Summary")
+                    block = "\n".join(lines[2:])
+                if not skip and (line := _prose_paragraph(block.replace("``", ""))):
+                    paragraphs[line] = None
+    return "\n".join(paragraphs)
+
+
+def prose_source(name: str) -> str:
+    """Haystack prose by name: "pydoc" (`default_prose()`) or "numpy" (`numpy_prose()`)."""
+    if name not in PROSE_SOURCES:
+        raise ValueError(f"prose source must be one of {PROSE_SOURCES}, got {name!r}")
+    return default_prose() if name == "pydoc" else numpy_prose()
 
 
 def sentences(prose: str) -> list[str]:
@@ -85,13 +125,18 @@ class TaskBuilder:
         return hay
 
     def _assemble(self, rng: random.Random, kind: str, context_tokens: int, needles: list[str],
-                  depth: float, ask: str, answer_start: str, answers: list[str], meta: dict | None = None) -> Task:
+                  depth: float, ask: str, answer_start: str, answers: list[str], meta: dict | None = None,
+                  needle_depths: list[float] | None = None) -> Task:
         budget = context_tokens - sum(len(self.tokenizer(n).input_ids) for n in needles) - 60
         hay = self._haystack(rng, budget)
-        # spread several needles around the requested depth
-        for i, needle in enumerate(needles):
-            d = min(1.0, max(0.0, depth + (i - (len(needles) - 1) / 2) * 0.05))
-            hay.insert(int(d * len(hay)), f"\n\n{needle}\n\n" if self.frame == "qa" else needle)
+        frame = (lambda n: f"\n\n{n}\n\n") if self.frame == "qa" else (lambda n: n)
+        if needle_depths is None:  # spread several needles around the requested depth
+            for i, needle in enumerate(needles):
+                d = min(1.0, max(0.0, depth + (i - (len(needles) - 1) / 2) * 0.05))
+                hay.insert(int(d * len(hay)), frame(needle))
+        else:  # each at its own depth of the haystack (deepest first, so earlier places do not move)
+            for needle, d in sorted(zip(needles, needle_depths), key=lambda nd: nd[1], reverse=True):
+                hay.insert(int(d * len(hay)), frame(needle))
         text = " ".join(hay).replace(" \n\n", "\n\n").replace("\n\n ", "\n\n")
         context = f"Read the text below carefully; it hides some facts you will be asked about.\n\n{text}\n\n"
         question = f"Question: {ask}\nAnswer: {answer_start}" if self.frame == "qa" else f"{ask} {answer_start}"
@@ -134,6 +179,20 @@ class TaskBuilder:
         return self._assemble(rng, "vartrack", context_tokens, needles, depth,
                               f"Follow the VAR assignments. What number does VAR {names[-1]} hold?",
                               f"VAR {names[-1]} holds", [value])
+
+    def twohop(self, seed: int, context_tokens: int, depth: float) -> Task:
+        """Two facts far apart (half the context between them), neither enough alone: which vault holds the
+        pass key, and what that vault holds. The answer is only in the second; finding it needs the first."""
+        rng = random.Random(seed)
+        vault, decoy = rng.sample(_WORDS, 2)
+        value, other = str(rng.randrange(10000, 99999)), str(rng.randrange(10000, 99999))
+        needles = [f"The pass key is kept in the {vault} vault.",
+                   f"The {vault} vault holds the number {value}.", f"The {decoy} vault holds the number {other}."]
+        far = (depth + 0.5) % 1.0
+        return self._assemble(rng, "twohop", context_tokens, needles, depth,
+                              "Which number does the vault with the pass key hold?",
+                              "The vault with the pass key holds the number", [value],
+                              needle_depths=[depth, far, min(1.0, far + 0.05)])
 
     def build(self, kind: str, seed: int, context_tokens: int, depth: float) -> Task:
         if kind not in TASK_KINDS:

@@ -68,7 +68,8 @@ def _tasks(args: argparse.Namespace) -> int:
     model, tokenizer = _load_model(args)
     result = run_tasks(model, tokenizer, kinds=args.kinds, contexts=args.contexts, depths=args.depths,
                        budgets=args.budgets, indexes=args.indexes, seed=args.seed, prose=_read_prose(args.prose),
-                       runtime_options={"select_every": args.select_every}, frame=_frame(args))
+                       runtime_options={"select_every": args.select_every}, frame=_frame(args),
+                       questions=args.questions, sources=args.sources)
     result["settings"]["model"] = args.model
     peers = Path(args.out) / "tasks_peers.json"
     if peers.is_file():  # rows written by benchmarks/kvpress_peer.py in its own environment
@@ -144,6 +145,12 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     tasks.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096])
     tasks.add_argument("--depths", type=float, nargs="+", default=[0.25, 0.75])
     tasks.add_argument("--budgets", type=int, nargs="+", default=[64, 256])
+    tasks.add_argument("--questions", type=int, default=None,
+                       help="questions per kind and context at evenly spread depths (instead of --depths)")
+    from ..tasks import PROSE_SOURCES
+
+    tasks.add_argument("--sources", nargs="+", default=["pydoc"], choices=PROSE_SOURCES,
+                       help="haystack prose, taken in turn per question")
     tasks.add_argument("--indexes", nargs="+", default=None)
     tasks.add_argument("--seed", type=int, default=0)
     tasks.add_argument("--prose", default=None, help="a text file to use instead of pydoc_data prose")

@@ -1,7 +1,8 @@
 """`icecache bench tasks`: RULER-style long-context tasks, full KV beside every index and budget.
 
-Tasks (pass key, multi-key needle, multi-value, variable tracking) are generated offline from prose at
-several context lengths and needle depths with fixed seeds. One dense prefill per task is shared by every
+Tasks (pass key, multi-key needle, multi-value, variable tracking, and a two-hop question whose two
+facts lie half a context apart) are generated offline from prose at several context lengths and needle
+depths with fixed seeds, from one or more prose sources. One dense prefill per task is shared by every
 runtime (`shared_prefill`, then `IceRuntime.new_cache(prefill=...)`); as in `model.generate`, that dense
 prefill also decides the first answer token, so rows differ only in decode-time retrieval. Answers are
 greedy and scored by exact match (every expected value must appear in the output).
@@ -15,30 +16,44 @@ from tqdm.auto import tqdm
 
 from ..index import available_indexes
 from ..runtime import IceRuntime, full_kv_copy, generate_after_prefill, shared_prefill
-from ..tasks import TASK_KINDS, TaskBuilder
+from ..tasks import TASK_KINDS, TaskBuilder, prose_source
 from .common import environment, table
+from .stats import Paired, wilson_interval
 
-NEW_TOKENS = {"passkey": 10, "multikey": 12, "multivalue": 28, "vartrack": 10}
+NEW_TOKENS = {"passkey": 10, "multikey": 12, "multivalue": 28, "vartrack": 10, "twohop": 10}
 FULL = "full KV"
 
 
 def run_tasks(model, tokenizer, kinds=TASK_KINDS, contexts=(2048, 4096), depths=(0.25, 0.75), budgets=(64, 256),
               indexes=None, seed: int = 0, prose: str | None = None, runtime_options: dict | None = None,
-              extra_methods: dict | None = None, frame: str = "inline") -> dict:
+              extra_methods: dict | None = None, frame: str = "inline", questions: int | None = None,
+              sources=("pydoc",)) -> dict:
     """Run every task with full KV and every (index, budget). `extra_methods` maps a row name to
     `fn(model, tokenizer, task, max_new_tokens) -> str` for peers (e.g. other KV-compression libraries);
-    `frame` is how questions are framed (`icecache.tasks.FRAMES`: "qa" for a base model)."""
+    `frame` is how questions are framed (`icecache.tasks.FRAMES`: "qa" for a base model).
+
+    With `questions`, each (kind, context) gets that many questions at evenly spread depths, their
+    haystacks taken in turn from `sources` (`icecache.tasks.PROSE_SOURCES`); otherwise one question per
+    depth in `depths`, from `prose` (default: the first source).
+    """
     indexes = list(indexes or available_indexes())
     runtime_options = runtime_options or {}
     extra_methods = extra_methods or {}
-    builder = TaskBuilder(tokenizer, prose, frame)
+    sources = list(sources)
+    builders = {name: TaskBuilder(tokenizer, prose if prose is not None and i == 0 else prose_source(name), frame)
+                for i, name in enumerate(sources)}
     configs = [(FULL, None)] + [(name, b) for name in indexes for b in budgets] + \
               [(name, None) for name in extra_methods]
-    tasks = [builder.build(kind, seed + 1000 * i + j, context, depth)
-             for i, kind in enumerate(kinds) for context in contexts for j, depth in enumerate(depths)]
+    plan = []  # (source, task) for every question
+    for i, kind in enumerate(kinds):
+        for context in contexts:
+            spots = [(q + 0.5) / questions for q in range(questions)] if questions else list(depths)
+            for j, depth in enumerate(spots):
+                source = sources[j % len(sources)]
+                plan.append((source, builders[source].build(kind, seed + 1000 * i + j, context, depth)))
     records = []
-    bar = tqdm(total=len(tasks) * len(configs), desc="tasks", unit="run")
-    for task in tasks:
+    bar = tqdm(total=len(plan) * len(configs), desc="tasks", unit="run")
+    for source, task in plan:
         ids = tokenizer(task.prompt, return_tensors="pt").input_ids
         base, first = shared_prefill(model, ids, max(budgets))  # dense, as generate's own prefill
         donors = {}  # one index build per (task, index), copied for every budget
@@ -55,37 +70,65 @@ def run_tasks(model, tokenizer, kinds=TASK_KINDS, contexts=(2048, 4096), depths=
                 out = generate_after_prefill(model, cache, ids, first, NEW_TOKENS[task.kind])
                 text = tokenizer.decode(out[0], skip_special_tokens=True)
             records.append({"method": name, "budget": budget, "kind": task.kind, "context": task.context_tokens,
-                            "prompt_tokens": ids.shape[1], "depth": task.depth, "correct": task.score(text),
-                            "answers": task.answers, "output": text, "seconds": time.perf_counter() - start})
+                            "prompt_tokens": ids.shape[1], "depth": task.depth, "source": source,
+                            "correct": task.score(text), "answers": task.answers, "output": text,
+                            "seconds": time.perf_counter() - start})
             bar.update(1)
     bar.close()
     return {"benchmark": "tasks", "environment": environment(),
             "settings": {"kinds": list(kinds), "contexts": list(contexts), "depths": list(depths),
-                         "budgets": list(budgets), "seed": seed, "runtime_options": runtime_options,
-                         "frame": frame},
+                         "questions": questions, "sources": sources, "budgets": list(budgets), "seed": seed,
+                         "runtime_options": runtime_options, "frame": frame},
             "records": records, "summary": summarize(records)}
 
 
+def _question(record: dict) -> tuple:
+    return record["kind"], record["context"], record["depth"], record.get("source", "pydoc")
+
+
 def summarize(records: list[dict]) -> list[dict]:
-    """Accuracy per (method, budget) per task kind and overall, and the share of full KV's answers kept."""
-    full_correct = {(r["kind"], r["context"], r["depth"]) for r in records if r["method"] == FULL and r["correct"]}
+    """Per (method, budget), over every context: accuracy per task kind and overall with its 95% Wilson
+    interval, the share of full KV's answers kept, and paired comparisons (McNemar's exact test on the
+    same questions) against full KV and against `exact` at the same budget."""
+    answered = {}  # (method, budget) -> {question: correct}
+    for r in records:
+        answered.setdefault((r["method"], r["budget"]), {})[_question(r)] = bool(r["correct"])
+    full = answered.get((FULL, None), {})
     rows = []
-    keys = list(dict.fromkeys((r["method"], r["budget"]) for r in records))
-    for method, budget in keys:
-        mine = [r for r in records if r["method"] == method and r["budget"] == budget]
-        row = {"method": method, "budget": "all" if budget is None else budget}
-        for kind in dict.fromkeys(r["kind"] for r in mine):
-            of_kind = [r for r in mine if r["kind"] == kind]
+    for (method, budget), mine in answered.items():
+        of_method = [r for r in records if r["method"] == method and r["budget"] == budget]
+        row = {"method": method, "budget": "all" if budget is None else budget, "questions": len(mine)}
+        for kind in dict.fromkeys(r["kind"] for r in of_method):
+            of_kind = [r for r in of_method if r["kind"] == kind]
             row[kind] = sum(r["correct"] for r in of_kind) / len(of_kind)
-        row["accuracy"] = sum(r["correct"] for r in mine) / len(mine)
-        kept = [r for r in mine if (r["kind"], r["context"], r["depth"]) in full_correct]
-        row["of_full_kv"] = sum(r["correct"] for r in kept) / len(kept) if kept else float("nan")
+        correct = sum(mine.values())
+        row["accuracy"] = correct / len(mine)
+        row["ci_low"], row["ci_high"] = wilson_interval(correct, len(mine))
+        kept = [q for q, ok in full.items() if ok and q in mine]
+        row["of_full_kv"] = sum(mine[q] for q in kept) / len(kept) if kept else float("nan")
+        for other, key in (((FULL, None), "vs_full"), (("exact", budget), "vs_exact")):
+            if other in answered and other != (method, budget):
+                paired = Paired.compare(mine, answered[other])
+                row[f"{key}_gained"], row[f"{key}_lost"], row[f"{key}_p"] = (
+                    paired.only_this, paired.only_other, paired.p_value)
         rows.append(row)
     return rows
 
 
 def format_tasks(result: dict) -> str:
+    """The summary table: accuracy per kind, overall with its 95% interval, kept share of full KV's
+    answers, and the paired counts (+ answered only by this row, - only by the other) with McNemar p."""
     kinds = result["settings"]["kinds"]
-    columns = [("method", "method", ""), ("budget", "budget", "")] + [(k, k, ".2f") for k in kinds] + \
-              [("accuracy", "all", ".2f"), ("of_full_kv", "kept of full KV", ".2f")]
-    return table(result["summary"], columns)
+    rows = []
+    for r in result["summary"]:
+        row = dict(r)
+        row["ci"] = f"{r['ci_low']:.2f}-{r['ci_high']:.2f}" if "ci_low" in r else None
+        for key in ("vs_full", "vs_exact"):
+            if f"{key}_p" in r:
+                row[key] = f"+{r[f'{key}_gained']}/-{r[f'{key}_lost']} p={r[f'{key}_p']:.2f}"
+        rows.append(row)
+    columns = [("method", "method", ""), ("budget", "budget", ""), ("questions", "n", "d")] + \
+              [(k, k, ".2f") for k in kinds] + \
+              [("accuracy", "all", ".2f"), ("ci", "95% CI", ""), ("of_full_kv", "kept of full KV", ".2f"),
+               ("vs_full", "vs full KV", ""), ("vs_exact", "vs exact", "")]
+    return table(rows, columns)
