@@ -131,6 +131,26 @@ def test_hot_tokens_get_their_own_pages():
     assert 100 in hot.tolist()
 
 
+def test_span_layout_keeps_the_token_order_page_around_each_hot_token():
+    # a needle of 5 consecutive tokens the query attends to: with hot_layout="spans" the first hot tier is
+    # the token-order page(s) holding them, in order, so the whole needle is retrieved together
+    g = torch.Generator().manual_seed(2)
+    keys = 0.1 * torch.randn(1, 512, 8, generator=g)
+    needle = torch.arange(203, 208)
+    keys[0, needle, 0] += 4.0
+    queries = torch.zeros(1, 1, 8)
+    queries[0, 0, 0] = 3.0
+    index = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=2, hot_layout="spans")
+    index.build(keys, queries)
+    first = index.page_table[0, :2].flatten()
+    assert first[:16].tolist() == list(range(192, 208))  # the grid page 192..207 around the hottest tokens
+    assert set(needle.tolist()) <= set(first.tolist())
+    table = index.page_table[0].flatten()
+    assert sorted(table[table >= 0].tolist()) == list(range(512))  # every token still exactly once
+    with pytest.raises(ValueError, match="hot_layout"):
+        icecache.get_index("tree", head_dim=8, hot_layout="nope")
+
+
 def test_hot_tiers_grow_and_respect_their_share():
     index = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=2, hot_tiers=3, hot_growth=3,
                                max_hot_share=0.5)

@@ -105,6 +105,11 @@ class TreeIndex(TokenIndex):
             queries' attention, not by key, so their key centroid can rank them low while they hold the
             token a step needs most: at 4k, a pass-key page holding 90% of a retrieval head's attention
             ranked 80th by centroid, outside the 64 candidates (benchmarks/RESULTS.md).
+        hot_layout: how the first hot tier is laid out. "profile" (default): the hottest tokens, grouped by
+            which prefill queries attend them. "spans": the token-order page around each of the hottest
+            tokens, so a needle's tokens stay together and in order (a key and the value after it, the
+            digits of a number). On Gemma 3, which spells numbers one digit per token, "profile" lost
+            pass keys that token order keeps (benchmarks/LONG_CONTEXT.md).
         search: "scan" (default) scores every leaf centroid to pick the candidates; "descent" finds the
             same candidates by a bounded best-first descent of the node hierarchy. Both then rescore the
             candidates exactly. On this model's keys at 8k the bound prunes almost nothing, and the
@@ -118,8 +123,11 @@ class TreeIndex(TokenIndex):
     def __init__(self, head_dim: int, page_size: int = 16, hot_pages: int = 8, candidate_factor: int = 4,
                  norm_headroom: float = 1.2, min_candidates: int = 64, hot_tiers: int = 3, hot_growth: int = 3,
                  max_hot_share: float = 0.4, branching: int = 2, depth: int = 0, search: str = "scan",
-                 rescore_hot_tier: bool = True) -> None:
+                 rescore_hot_tier: bool = True, hot_layout: str = "profile") -> None:
         super().__init__(head_dim, page_size)
+        if hot_layout not in ("profile", "spans"):
+            raise ValueError(f"hot_layout must be 'profile' or 'spans', got {hot_layout!r}")
+        self.hot_layout = hot_layout
         if not isinstance(rescore_hot_tier, bool):
             raise ValueError(f"rescore_hot_tier must be True or False, got {rescore_hot_tier!r}")
         self.rescore_hot_tier = rescore_hot_tier
@@ -174,7 +182,9 @@ class TreeIndex(TokenIndex):
         for h in range(kv_heads):
             group_starts = []
             for tokens, features in self._layout_groups(h, keys[h], aug[h], queries, tiers):
-                order = tree_pages(features, self.page_size, self.branching, self.depth, seed=h)
+                # features None: the group is already in its page order (token-order spans)
+                order = (torch.arange(tokens.numel()) if features is None else
+                         tree_pages(features, self.page_size, self.branching, self.depth, seed=h))
                 group_starts.append(int(self._pages[h]))
                 self._append_pages(h, tokens[order], aug[h])
             build_nodes(h, np.array(group_starts, dtype=np.int64), int(self._pages[h]), self._fill.numpy(),
@@ -214,6 +224,23 @@ class TreeIndex(TokenIndex):
         profile = probs.sqrt()  # sqrt: profiles compare by Hellinger distance
         order = torch.argsort(probs.sum(0), descending=True)  # hottest first
         groups, start = [], 0
+        if self.hot_layout == "spans":
+            # the first tier: the token-order page around each of the hottest tokens, so a needle's tokens
+            # (a key and the value after it, the digits of a number) stay together and in order
+            grid = order // self.page_size
+            seen, windows = set(), []
+            for w in grid.tolist():
+                if w not in seen:
+                    seen.add(w)
+                    windows.append(w)
+                    if len(windows) == tiers[0]:
+                        break
+            spans = torch.cat([torch.arange(w * self.page_size, min((w + 1) * self.page_size, n)) for w in windows])
+            groups.append((spans, None))
+            rest_mask = torch.ones(n, dtype=torch.bool)
+            rest_mask[spans] = False
+            order = order[rest_mask[order]]
+            tiers = tiers[1:]
         for pages in tiers:
             tokens = order[start : start + pages * self.page_size]
             groups.append((tokens, profile[:, tokens].T.contiguous()))
