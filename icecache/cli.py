@@ -50,6 +50,17 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_model(args: argparse.Namespace) -> int:
+    from .models import export_model
+
+    try:
+        print(export_model(args.name, args.directory))
+    except (FileExistsError, FileNotFoundError) as error:
+        print(f"icecache export-model: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="icecache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     models.add_argument("action", nargs="?", choices=["list", "prepare"], default="list")
     models.add_argument("names", nargs="*", help="models to prepare (default: all)")
     models.set_defaults(run=_models)
+
+    export = sub.add_parser("export-model", help="write an embedded model as a safetensors folder (for vLLM)")
+    export.add_argument("name", choices=available_models())
+    export.add_argument("directory", help="a new or empty folder")
+    export.set_defaults(run=_export_model)
 
     from .bench.cli import add_bench_commands
 

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 __all__ = ["ModelSpec", "available_models", "model_spec", "load_model", "load_default", "prepare_model",
-           "DEFAULT_MODEL"]
+           "export_model", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -147,6 +147,21 @@ def prepare_model(name: str) -> Path:
         shutil.rmtree(folder)
     partial.replace(folder)
     return folder
+
+
+def export_model(name: str, directory: str | os.PathLike) -> Path:
+    """Write model `name` as a safetensors folder (config, weights, tokenizer) at `directory`, which
+    engines that load Hugging Face folders (vLLM: `LLM(model=directory)`, `vllm serve directory`) read
+    offline. Converts the GGUF first if needed; refuses to overwrite a non-empty folder."""
+    target = Path(directory)
+    if target.exists() and any(target.iterdir()):
+        raise FileExistsError(f"{target} exists and is not empty; pass a new or empty directory")
+    source = prepare_model(name)
+    target.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if item.is_file():
+            shutil.copy2(item, target / item.name)
+    return target
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,

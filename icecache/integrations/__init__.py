@@ -1,0 +1,1 @@
+"""Engines icecache plugs into besides transformers (`icecache.integrations.vllm`)."""
