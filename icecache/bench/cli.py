@@ -123,8 +123,18 @@ def _kernel(args: argparse.Namespace) -> int:
     return _finish(args, "kernel", result, start, format_kernel(result))
 
 
+def _vllm(args: argparse.Namespace) -> int:
+    from .vllm import format_vllm, run_vllm
+
+    start = time.perf_counter()
+    points = [tuple(int(x) for x in p.split("x")) for p in args.points]
+    result = run_vllm(args.model, points=points, indexes=args.indexes, budget=args.budget,
+                      new_tokens=args.new_tokens, kv_cache_gib=args.kv_cache_gib)
+    return _finish(args, "vllm", result, start, format_vllm(result))
+
+
 def add_bench_commands(sub: argparse._SubParsersAction) -> None:
-    bench = sub.add_parser("bench", help="benchmarks: recall, tasks, latency, prefill, kernel")
+    bench = sub.add_parser("bench", help="benchmarks: recall, tasks, latency, prefill, kernel, vllm")
     kinds = bench.add_subparsers(dest="bench", required=True)
 
     recall = kinds.add_parser("recall", help="retrieval recall of every index on real attention")
@@ -196,3 +206,14 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     kernel.add_argument("--repeats", type=int, default=50)
     kernel.add_argument("--out", default="results")
     kernel.set_defaults(run=_kernel)
+
+    vllm = kinds.add_parser("vllm", help="vLLM (CPU) with each index beside stock vLLM: tokens/s, decode step")
+    vllm.add_argument("--points", nargs="+", default=["4096x1", "4096x4", "4096x16", "8192x16"],
+                      help="CONTEXTxREQUESTS: prompt tokens and concurrent requests")
+    vllm.add_argument("--indexes", nargs="+", default=None)
+    vllm.add_argument("--budget", type=int, default=256)
+    vllm.add_argument("--new-tokens", type=int, default=32)
+    vllm.add_argument("--kv-cache-gib", type=int, default=8, help="VLLM_CPU_KVCACHE_SPACE")
+    vllm.add_argument("--out", default="results")
+    _add_model_option(vllm)
+    vllm.set_defaults(run=_vllm)

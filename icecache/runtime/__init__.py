@@ -5,8 +5,9 @@ from .cache import IceCache, IceCacheLayer, full_kv_copy, icecache_attention, la
 from .layer import DecodePlan, SparseLayer
 from .runtime import (PREFILL_CHUNK, IceRuntime, LayerReport, RuntimeReport, chunked_prefill, generate_after_prefill,
                       shared_prefill)
+from .requests import BatchRow, EngineStep, RequestLayers, RequestTracker
 from .tiers import BulkLoader, DeviceTier, HostTier, TransferStats
 
-__all__ = ["Budget", "BulkLoader", "DecodePlan", "DeviceTier", "HostTier", "IceCache", "IceCacheLayer", "IceRuntime", "LayerReport",
+__all__ = ["BatchRow", "Budget", "BulkLoader", "EngineStep", "RequestLayers", "RequestTracker", "DecodePlan", "DeviceTier", "HostTier", "IceCache", "IceCacheLayer", "IceRuntime", "LayerReport",
            "PREFILL_CHUNK", "RuntimeReport", "SparseLayer", "TransferStats", "chunked_prefill", "full_kv_copy",
            "generate_after_prefill", "icecache_attention", "layer_plan", "shared_prefill"]

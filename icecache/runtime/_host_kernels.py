@@ -41,3 +41,105 @@ def logsumexp_logits(queries: np.ndarray, keys: np.ndarray, stored: np.ndarray, 
                 total += np.exp(np.float64(logits[t] - top))  # exp(-inf) = 0 for unwritten slots
             out[h, g] = np.log(total) + top
     return out
+
+
+# -- the compiled CPU decode step: slot assignment + page loads, then attention -----------------------------
+# The torch path (DeviceTier.assign, BulkLoader.load, paged_decode_attention_reference) is the reference these
+# must equal; on the CPU its few dozen small torch ops per layer and step cost more than the work itself.
+
+@numba.njit(cache=True)
+def assign_and_load(page_ids, slot_page, page_table, index_start, host_k, host_v, tier_k, tier_v, filled, active,
+                    resident_pages, slots_out, load_heads, load_slots, load_pages, load_positions):
+    """`DeviceTier.assign` then `BulkLoader.load` for a selection `page_ids` `[kv, n]` (-1 padded): keep pages
+    already in a retrieval slot, give each missing page the next free slot (in slot order), copy its tokens
+    (`page_table` `[kv, pages, page_size]` local positions, + `index_start` = host position) from the host
+    tier `[kv, capacity, d]` into the device tier `[kv, slots, page_size, d]`, mark exactly the selected slots
+    active. Writes each selected page's slot into `slots_out` `[kv, n]` (0 where none is selected) and the misses
+    into `load_*` (`[kv * n]`, positions `[kv * n, page_size]`); returns their count."""
+    kv, n = page_ids.shape
+    retrieval = slot_page.shape[1]
+    page_size = page_table.shape[2]
+    m = 0
+    slot_of = np.empty(n, np.int64)
+    kept = np.empty(retrieval, np.bool_)
+    for h in range(kv):
+        kept[:] = False
+        for i in range(n):
+            slot_of[i] = -1
+            p = page_ids[h, i]
+            if p < 0:
+                continue
+            for s in range(retrieval):
+                if slot_page[h, s] == p:
+                    slot_of[i] = s
+                    kept[s] = True
+                    break
+        free = 0  # next candidate slot: free slots (not kept) in slot order
+        for i in range(n):
+            p = page_ids[h, i]
+            if p < 0 or slot_of[i] >= 0:
+                continue
+            while kept[free]:
+                free += 1
+            s = free
+            free += 1
+            slot_of[i] = s
+            dst = resident_pages + s
+            for t in range(page_size):
+                local = page_table[h, p, t]
+                load_positions[m, t] = local + index_start if local >= 0 else -1
+                source = local + index_start if local >= 0 else 0  # as the torch path gathers: row 0, masked
+                tier_k[h, dst, t, :] = host_k[h, source, :]
+                tier_v[h, dst, t, :] = host_v[h, source, :]
+                filled[h, dst, t] = local >= 0
+            slot_page[h, s] = p
+            load_heads[m], load_slots[m], load_pages[m] = h, s, p
+            m += 1
+        for s in range(retrieval):
+            active[h, resident_pages + s] = False
+        for i in range(n):
+            slots_out[h, i] = max(slot_of[i], 0)
+            if page_ids[h, i] >= 0:
+                active[h, resident_pages + slot_of[i]] = True
+    return m
+
+
+@numba.njit(cache=True, fastmath={"reassoc", "contract"})
+def paged_attention(query, tier_k, tier_v, filled, active, scale, out):
+    """`paged_decode_attention_reference` over the slots that are active and filled: `query` `[q_heads, d]`,
+    tiers `[kv, slots, page_size, d]`, float32 softmax; `out` `[q_heads, d]` (zeros where nothing is valid)."""
+    q_heads, dim = query.shape
+    kv, slots, page_size, _ = tier_k.shape
+    group = q_heads // kv
+    logits = np.empty(slots * page_size, np.float32)
+    for qh in range(q_heads):
+        h = qh // group
+        top = np.float32(-np.inf)
+        for s in range(slots):
+            if not active[h, s]:
+                continue
+            for t in range(page_size):
+                if not filled[h, s, t]:
+                    continue
+                acc = np.float32(0.0)
+                for j in range(dim):
+                    acc += query[qh, j] * tier_k[h, s, t, j]
+                acc *= scale
+                logits[s * page_size + t] = acc
+                top = max(top, acc)
+        out[qh, :] = 0.0
+        if top == -np.inf:
+            continue
+        total = np.float32(0.0)
+        for s in range(slots):
+            if not active[h, s]:
+                continue
+            for t in range(page_size):
+                if not filled[h, s, t]:
+                    continue
+                w = np.exp(logits[s * page_size + t] - top)
+                total += w
+                for j in range(dim):
+                    out[qh, j] += w * tier_v[h, s, t, j]
+        for j in range(dim):
+            out[qh, j] /= total

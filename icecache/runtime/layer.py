@@ -20,8 +20,11 @@ from typing import Callable
 
 import torch
 
+import numpy as np
+
 from ..index.base import TokenIndex
 from ..kernels.reference import paged_decode_attention_reference
+from ._host_kernels import assign_and_load, paged_attention
 from .budget import Budget
 from .tiers import BulkLoader, DeviceTier, HostTier, TransferStats
 
@@ -67,12 +70,20 @@ class SparseLayer:
         leader: with layer reuse (IceCache(r)), the layer whose index and page choice this layer shares;
             this layer then only loads its own K/V for the leader's pages.
         prefetch: a follower starts loading as soon as its leader's plan arrives (False: at its own turn).
+        compiled: on the CPU in float32 with the reference kernel, run slot assignment, page loads and
+            attention as compiled code (`_host_kernels`); False keeps the torch ops, the reference path.
     """
 
     def __init__(self, index: TokenIndex, budget: Budget, kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, kernel: AttentionKernel = paged_decode_attention_reference,
-                 profile: bool = False, leader: "SparseLayer | None" = None, prefetch: bool = True) -> None:
+                 profile: bool = False, leader: "SparseLayer | None" = None, prefetch: bool = True,
+                 compiled: bool = True) -> None:
         self.index, self.budget, self.kernel, self.profile = index, budget, kernel, profile
+        from ..kernels import paged_decode_attention
+
+        # the compiled step replaces exactly the torch path it is tested against: CPU tiers, float32, the reference
+        self.compiled = (compiled and device.type == "cpu" and dtype == torch.float32
+                         and kernel in (paged_decode_attention_reference, paged_decode_attention))
         self.leader, self.prefetch = leader, prefetch
         self.followers: list[SparseLayer] = []
         self._stale_pages: list[torch.Tensor] = []  # index changes a follower has not applied yet
@@ -172,15 +183,23 @@ class SparseLayer:
             self.index.scale = self.scale  # pages are ranked with the model's own softmax scale
         group_queries = query.view(self.kv_heads, -1, self.head_dim)
 
+        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(self.head_dim)
         clock = self._clock()
         page_ids = self.select_pages(group_queries)
         searched = self._clock()
-        plan = self.plan(page_ids)
-        self.load(plan)
-        self.loader.wait()  # the compute stream waits for this layer's copies (prefetched or not)
-        loaded = self._clock()
-        out = self.kernel(query, self.tier.k, self.tier.v, self.tier.attention_mask(),
-                          self.scale if self.scale is not None else 1.0 / math.sqrt(self.head_dim))
+        if self.compiled:
+            plan = self.plan_and_load_compiled(page_ids)
+            loaded = self._clock()
+            out = torch.empty(query.shape, dtype=torch.float32)
+            paged_attention(query.detach().float().contiguous().numpy(), self.tier.k.numpy(), self.tier.v.numpy(),
+                            self.tier.filled.numpy(), self.tier.active.numpy(), scale, out.numpy())
+            out = out.to(query.dtype)
+        else:
+            plan = self.plan(page_ids)
+            self.load(plan)
+            self.loader.wait()  # the compute stream waits for this layer's copies (prefetched or not)
+            loaded = self._clock()
+            out = self.kernel(query, self.tier.k, self.tier.v, self.tier.attention_mask(), scale)
         done = self._clock()
         for follower in self.followers:
             follower.receive(plan)
@@ -219,6 +238,22 @@ class SparseLayer:
         local = table[heads.to(table.device), missing_pages.to(table.device)]  # [m, page_size]
         positions = torch.where(local >= 0, local + self.index_start, local)
         return DecodePlan(page_ids, slot, heads, slot[heads, rank], missing_pages, positions)
+
+    def plan_and_load_compiled(self, page_ids: torch.Tensor) -> DecodePlan:
+        """`plan` then `load` in one compiled call (CPU, float32): the same slots, loads and device tier."""
+        tier, host = self.tier, self.host
+        ids = np.ascontiguousarray(page_ids.numpy())
+        kv, width = ids.shape
+        slots = np.empty((kv, width), np.int64)
+        heads, slot_ids, pages = (np.empty(kv * width, np.int64) for _ in range(3))
+        positions = np.empty((kv * width, self.budget.page_size), np.int64)
+        m = assign_and_load(ids, tier.slot_page.numpy(), self.index.page_table.numpy(), self.index_start,
+                            host.k.numpy(), host.v.numpy(), tier.k.numpy(), tier.v.numpy(), tier.filled.numpy(),
+                            tier.active.numpy(), tier.resident_pages, slots, heads, slot_ids, pages, positions)
+        self.stats.bytes_moved += 2 * m * self.budget.page_size * self.head_dim * host.k.element_size()
+        self.stats.pages_loaded += m
+        return DecodePlan(page_ids, torch.from_numpy(slots), torch.from_numpy(heads[:m]),
+                          torch.from_numpy(slot_ids[:m]), torch.from_numpy(pages[:m]), torch.from_numpy(positions[:m]))
 
     def load(self, plan: DecodePlan) -> None:
         """Move the plan's missing pages from the host tier into their device slots (one bulk copy)."""

@@ -75,6 +75,8 @@ class IceRuntime:
         kernel: decode attention over the device tier: "auto" (the Triton kernel on CUDA, the torch
             reference elsewhere), "triton", "reference", or a callable with the reference's signature.
         profile: synchronize CUDA around each phase so per-phase timings are exact (slower).
+        compiled: on the CPU (float32, reference kernel), run each decode step's slot assignment, page loads and
+            attention as compiled numba code; False runs the torch ops they are tested against.
 
     Example:
         >>> rt = IceRuntime(index="exact", budget=256)
@@ -85,7 +87,7 @@ class IceRuntime:
     def __init__(self, index: str = "tree", budget: int = 256, page_size: int = 16, sink: int = 16,
                  window: int = 32, dense_layers: int = 2, select_every: int = 1,
                  index_options: dict[str, Any] | None = None,
-                 kernel: str | Callable = "auto", profile: bool = False) -> None:
+                 kernel: str | Callable = "auto", profile: bool = False, compiled: bool = True) -> None:
         self.index_name = index
         index_class(index)  # unknown or unavailable names fail here, not at the first forward
         self.budget = Budget(tokens=budget, page_size=page_size, sink=sink, window=window)
@@ -98,6 +100,9 @@ class IceRuntime:
         self.index_options = dict(index_options or {})
         self.kernel = _resolve_kernel(kernel)
         self.profile = profile
+        if not isinstance(compiled, bool):
+            raise ValueError(f"compiled must be True or False, got {compiled!r}")
+        self.compiled = compiled
 
     @property
     def index_signature(self) -> tuple:
@@ -114,7 +119,7 @@ class IceRuntime:
             index = get_index(self.index_name, head_dim=head_dim, page_size=self.budget.page_size,
                               **self.index_options)
         layer = SparseLayer(index, self.budget, kv_heads, head_dim, dtype, device, kernel=self.kernel,
-                            profile=self.profile, leader=leader)
+                            profile=self.profile, leader=leader, compiled=self.compiled)
         layer.index_signature = self.index_signature
         return layer
 

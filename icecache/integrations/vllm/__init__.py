@@ -13,8 +13,9 @@ window and the pages its request's index selects, under the same budget rule as 
 (prefill and chunked prefill) and sliding-window layers stay vLLM's dense attention. Set
 `ICECACHE_VLLM_PLUGIN=0` to keep the plugin from registering anything.
 
-On the CPU the backend overrides `CPU_ATTN` (the CPU platform always picks it); on CUDA it registers as
-`CUSTOM`, chosen with `--attention-backend CUSTOM`.
+On the CPU the backend overrides `CPU_ATTN` (the CPU platform always picks it). On CUDA nothing is registered
+yet: the CUDA backend (a FlashAttention subclass chosen with `--attention-backend CUSTOM`) needs a GPU to be
+built and tested on (docs/vllm.md).
 """
 
 from __future__ import annotations
@@ -75,5 +76,3 @@ def register() -> None:
 
     if current_platform.is_cpu():
         register_backend(AttentionBackendEnum.CPU_ATTN, "icecache.integrations.vllm.cpu.IceCPUAttentionBackend")
-    else:
-        register_backend(AttentionBackendEnum.CUSTOM, "icecache.integrations.vllm.cuda.IceFlashAttentionBackend")

