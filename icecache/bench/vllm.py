@@ -48,23 +48,28 @@ def run_vllm(model_name: str = "smollm2-135m", points=((4096, 1), (4096, 4), (40
     """Stock vLLM and vLLM with each index in `indexes` (default: every registered one) at `budget`, at every
     (context, concurrent requests) of `points`."""
     from ..index import available_indexes
-    from ..models import load_model, prepare_model
+    from ..models import load_model, model_spec, prepare_model
 
     indexes = list(indexes or available_indexes())
     _, tokenizer = load_model(model_name)
-    batches = [[{"ids": prompt_ids(tokenizer, context, offset=37 * r).tolist()[0], "max_tokens": new_tokens,
-                 "ignore_eos": True} for r in range(concurrency)] for context, concurrency in points]
+    window = model_spec(model_name).context
+    # a prompt of `context` tokens, shortened where it and the new tokens would pass the model's window
+    prompt_len = {context: min(context, window - new_tokens - 1) for context, _ in points}
+    batches = [[{"ids": prompt_ids(tokenizer, prompt_len[context], offset=37 * r).tolist()[0],
+                 "max_tokens": new_tokens, "ignore_eos": True} for r in range(concurrency)]
+               for context, concurrency in points]
     configs = [None] + [{"index": name, "budget": budget} for name in indexes]
     job = {"model": str(prepare_model(model_name)), "configs": configs, "batches": batches,
-           "max_model_len": max(c for c, _ in points) + new_tokens + 8, "kv_cache_gib": kv_cache_gib}
+           "max_model_len": min(window, max(prompt_len.values()) + new_tokens + 1), "kv_cache_gib": kv_cache_gib}
     runs = run_engines(job)
     rows = []
     for run in runs:
         method = "stock vLLM" if run["config"] is None else run["config"]["index"]
         for (context, concurrency), batch in zip(points, run["batches"]):
             steps = [s for s in run["steps"] if s["decode"] and s["requests"] == concurrency
-                     and context < s.get("max_seq_len", 0) <= context + new_tokens + 1]
-            rows.append({"method": method, "context": context, "concurrency": concurrency,
+                     and prompt_len[context] < s.get("max_seq_len", 0) <= prompt_len[context] + new_tokens + 1]
+            rows.append({"method": method, "context": context, "prompt_tokens": prompt_len[context],
+                         "concurrency": concurrency,
                          "tokens_per_s": concurrency * new_tokens / batch["seconds"],
                          "batch_seconds": batch["seconds"], "decode_steps": len(steps),
                          "step_ms": 1e3 * statistics.median(s["step_seconds"] for s in steps) if steps else None,
@@ -84,7 +89,7 @@ def run_vllm(model_name: str = "smollm2-135m", points=((4096, 1), (4096, 4), (40
 
 def format_vllm(result: dict) -> str:
     return table(result["rows"], [
-        ("method", "method", ""), ("context", "context", "d"), ("concurrency", "requests", "d"),
+        ("method", "method", ""), ("prompt_tokens", "prompt tokens", "d"), ("concurrency", "requests", "d"),
         ("tokens_per_s", "tok/s (with prefill)", ".1f"), ("step_ms", "decode step ms", ".1f"),
         ("attention_ms", "attention ms/step", ".1f"), ("attention_vs_stock", "attention vs stock", ".2f"),
         ("step_vs_stock", "step vs stock", ".2f")])

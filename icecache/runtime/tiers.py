@@ -17,7 +17,7 @@ def _pin(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class HostTier:
-    """Every K/V token of one layer, token-major `[kv_heads, capacity, head_dim]`, growing by doubling."""
+    """Every K/V token of one layer, token-major `[kv_heads, capacity, head_dim]`, growing by half its size."""
 
     def __init__(self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
         self.device = device  # the compute device this tier feeds
@@ -29,7 +29,7 @@ class HostTier:
         """Store new tokens `[kv_heads, m, head_dim]` after the existing ones."""
         need = self.length + k.shape[1]
         if need > self.k.shape[1]:
-            cap = max(need, 2 * self.k.shape[1])
+            cap = max(need, self.k.shape[1] * 3 // 2)  # 1.5x: amortised appends, at most a third unused
             for name in ("k", "v"):
                 old = getattr(self, name)
                 grown = _pin(torch.empty(old.shape[0], cap, old.shape[2], dtype=old.dtype), self.device)

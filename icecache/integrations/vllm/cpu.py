@@ -114,6 +114,8 @@ class IceCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         n = common.num_reqs
         step = self.tracker.step(common.block_table_tensor[:n].cpu().numpy(), common.query_start_loc_cpu[: n + 1].tolist(),
                                  common.seq_lens[:n].cpu().tolist(), self.block_size)
+        if STEP_TIMER.step is not None and STEP_TIMER.owner is self:
+            STEP_TIMER.step.update(sparse_rows=len(step.decode_rows), dense_rows=len(step.dense_rows))
         first_dense = next((r for r, row in enumerate(step.rows) if not row.decode), n)
         dense, dense_start = None, 0
         if first_dense < n:

@@ -4,7 +4,7 @@
     .venv-vllm/bin/python -m icecache.integrations.vllm.engine_run JOB.json OUT.json
 
 `JOB.json` holds `{"model": folder, "max_model_len": n, "configs": [null | {IceRuntime options}, ...],
-"batches": [[{"ids": [...], "max_tokens": n}, ...], ...], "kv_cache_gib": g}`. Each config gets one engine;
+"batches": [[{"ids": [...], "max_tokens": n}, ...], ...], "kv_cache_gib": g, "engine": {LLM options}}`. Each config gets one engine;
 each batch is submitted at once (concurrent requests, continuously batched). `OUT.json` receives, per
 config, the greedy token ids of every request, the wall time of every batch, and (with icecache's step
 timer) the attention seconds of every pure-decode step.
@@ -36,7 +36,7 @@ def run(job: dict) -> list[dict]:
         start = time.perf_counter()
         kwargs = engine_kwargs(**config) if config is not None else {}
         llm = LLM(model=job["model"], max_model_len=job.get("max_model_len", 4096), enforce_eager=True,
-                  dtype="float32", seed=0, **kwargs)
+                  dtype="float32", seed=0, **job.get("engine", {}), **kwargs)
         started = time.perf_counter() - start
         batches = []
         for batch in job["batches"]:
