@@ -111,35 +111,33 @@ def paged_attention(query, tier_k, tier_v, filled, active, scale, out):
     q_heads, dim = query.shape
     kv, slots, page_size, _ = tier_k.shape
     group = q_heads // kv
+    valid_slot = np.empty(slots * page_size, np.int64)
+    valid_token = np.empty(slots * page_size, np.int64)
     logits = np.empty(slots * page_size, np.float32)
-    for qh in range(q_heads):
-        h = qh // group
-        top = np.float32(-np.inf)
+    for h in range(kv):
+        n = 0  # the attended tokens of this KV head, listed once for its whole query group
         for s in range(slots):
-            if not active[h, s]:
+            if active[h, s]:
+                for t in range(page_size):
+                    if filled[h, s, t]:
+                        valid_slot[n], valid_token[n] = s, t
+                        n += 1
+        for qh in range(h * group, (h + 1) * group):
+            out[qh, :] = 0.0
+            if n == 0:
                 continue
-            for t in range(page_size):
-                if not filled[h, s, t]:
-                    continue
+            top = np.float32(-np.inf)
+            for i in range(n):
                 acc = np.float32(0.0)
                 for j in range(dim):
-                    acc += query[qh, j] * tier_k[h, s, t, j]
-                acc *= scale
-                logits[s * page_size + t] = acc
-                top = max(top, acc)
-        out[qh, :] = 0.0
-        if top == -np.inf:
-            continue
-        total = np.float32(0.0)
-        for s in range(slots):
-            if not active[h, s]:
-                continue
-            for t in range(page_size):
-                if not filled[h, s, t]:
-                    continue
-                w = np.exp(logits[s * page_size + t] - top)
+                    acc += query[qh, j] * tier_k[h, valid_slot[i], valid_token[i], j]
+                logits[i] = acc * scale
+                top = max(top, logits[i])
+            total = np.float32(0.0)
+            for i in range(n):
+                w = np.exp(logits[i] - top)
                 total += w
                 for j in range(dim):
-                    out[qh, j] += w * tier_v[h, s, t, j]
-        for j in range(dim):
-            out[qh, j] /= total
+                    out[qh, j] += w * tier_v[h, valid_slot[i], valid_token[i], j]
+            for j in range(dim):
+                out[qh, j] /= total
