@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from icecache.bench.common import random_model
+from icecache.bench.common import parse_index_spec, random_model
 from icecache.bench.kernel import format_kernel, run_kernel
 
 
@@ -77,3 +77,24 @@ def test_latency_bench_accounts_every_phase_per_batch(smollm, tmp_path):
     assert "other ms" in format_latency(result)
     plot_latency(result, tmp_path / "latency.png")
     assert (tmp_path / "latency.png").stat().st_size > 0
+
+
+def test_index_specs_name_variants_of_an_index():
+    assert parse_index_spec("tree") == ("tree", {})
+    assert parse_index_spec("tree:hot_layout=spans,hot_pages=4,span_share=0.5") == (
+        "tree", {"hot_layout": "spans", "hot_pages": 4, "span_share": 0.5})
+    with pytest.raises(ValueError, match="option=value"):
+        parse_index_spec("tree:hot_pages")
+
+
+def test_task_suite_tables_are_rendered_from_the_committed_json():
+    import json
+    from pathlib import Path
+
+    from icecache.bench.tasks import render_suite
+
+    root = Path(__file__).resolve().parents[1]
+    results = [json.loads(p.read_text()) for p in sorted((root / "benchmarks" / "tasks_suite").glob("*.json"))]
+    assert results
+    assert (root / "benchmarks" / "TASKS.md").read_text() == render_suite(results), \
+        "benchmarks/TASKS.md is stale: python -m icecache.bench.tasks benchmarks/tasks_suite/*.json > benchmarks/TASKS.md"

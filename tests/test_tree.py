@@ -151,12 +151,34 @@ def test_span_layout_keeps_the_token_order_page_around_each_hot_token():
         icecache.get_index("tree", head_dim=8, hot_layout="nope")
 
 
+def test_span_pages_come_first_in_token_order_then_the_profile_tiers():
+    g = torch.Generator().manual_seed(3)
+    keys = 0.1 * torch.randn(1, 512, 8, generator=g)
+    keys[0, 200:206, 0] += 4.0  # a needle the query reads, inside grid cell 12 (192..207)
+    keys[0, torch.arange(5, 512, 31), 0] += 3.0  # scattered tokens it reads less
+    queries = torch.zeros(1, 1, 8)
+    queries[0, 0, 0] = 3.0
+    index = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=1, hot_tiers=1, span_pages=1)
+    index.build(keys, queries)
+    assert index.page_table[0, 0].tolist() == list(range(192, 208))  # the needle's own page, in order
+    assert set(index.page_table[0, 1].tolist()) <= set(range(5, 512, 31))  # then the hottest tokens left
+    assert index._pinned == 2  # span pages and the first hot tier are always rescored
+    table = index.page_table[0].flatten()
+    assert sorted(table[table >= 0].tolist()) == list(range(512))
+    with pytest.raises(ValueError, match="span_pages"):
+        icecache.get_index("tree", head_dim=8, span_pages=-1)
+
+
 def test_hot_tiers_grow_and_respect_their_share():
     index = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=2, hot_tiers=3, hot_growth=3,
-                               max_hot_share=0.5)
-    assert index._hot_tier_pages(100) == [2, 6, 18]
-    assert index._hot_tier_pages(20) == [2, 6, 2]  # cut at half of 20 pages
-    assert icecache.get_index("tree", head_dim=8, hot_pages=0)._hot_tier_pages(100) == []
+                               max_hot_share=0.5, span_pages=0)
+    assert index._hot_layout(100) == (0, [2, 6, 18])
+    assert index._hot_layout(20) == (0, [2, 6, 2])  # cut at half of 20 pages
+    assert icecache.get_index("tree", head_dim=8, hot_pages=0, span_pages=0)._hot_layout(100) == (0, [])
+    spans = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=2, max_hot_share=0.5, span_pages=4)
+    assert spans._hot_layout(100) == (4, [2, 6, 18]) and spans._hot_layout(20) == (4, [2, 4])  # spans count too
+    spans = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=2, hot_layout="spans", span_pages=1)
+    assert spans._hot_layout(100) == (3, [6, 18])  # "spans": the first tier's pages become span pages
 
 
 def test_tokens_the_same_queries_attend_share_a_page():
@@ -170,7 +192,7 @@ def test_tokens_the_same_queries_attend_share_a_page():
     keys[0, group_a] += a + 0.3 * torch.randn(16, 8, generator=g)
     keys[0, group_b] += b + 0.3 * torch.randn(16, 8, generator=g)
     queries = torch.stack([a, b]).view(1, 2, 8) * 3
-    index = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=2, hot_tiers=1)
+    index = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=2, hot_tiers=1, span_pages=0)
     index.build(keys, queries)
     first_two = [set(index.page_table[0, p].tolist()) for p in range(2)]
     assert sorted(map(sorted, first_two)) == sorted([group_a.tolist(), group_b.tolist()])
@@ -190,17 +212,27 @@ def test_tree_finds_the_planted_key():
 
 def reference_masses(index, queries: torch.Tensor, max_pages: int, resident_lse=None) -> list[dict[int, float]]:
     """The tree's search written as plain torch ops: per head, the attention mass of every candidate page
-    (centroid ranking, then an exact softmax per query head over the candidates' tokens and, through
+    (centroid ranking plus the best others by the bound `q . c + |q| r`, then an exact softmax per query head over the candidates' tokens and, through
     `resident_lse`, the resident ones)."""
     table, n_pages = index.page_table, index.num_pages
     pinned = index._pinned  # the first hot tier: always candidates
     n_cand = min(n_pages, max(max_pages * index.candidate_factor, index.min_candidates) + pinned)
+    n_bound = min(n_pages - n_cand, index.bound_candidates)  # plus the best others by the bound
+    page_node, radii = index._nodes[4], index._nodes[8]
     out = []
     for h in range(index.kv_heads):
-        score = (queries[h] @ index.centroids()[h].T).amax(0)
+        per_query = queries[h] @ index.centroids()[h].T  # [g, pages]
+        empty = index._fill[h, :n_pages] == 0
+        score = per_query.amax(0)
         score[:pinned] = float("inf")
-        score = score.masked_fill(index._fill[h, :n_pages] == 0, float("-inf"))
+        score = score.masked_fill(empty, float("-inf"))
         cand = torch.topk(score, n_cand).indices
+        if n_bound:
+            radius = torch.from_numpy(radii[h, page_node[h, :n_pages]]).float()
+            bound = (per_query + queries[h].norm(dim=-1, keepdim=True) * radius).amax(0)
+            bound = bound.masked_fill(empty, torch.finfo(torch.float32).min)  # below real pages, above taken ones
+            bound[cand] = float("-inf")
+            cand = torch.cat([cand, torch.topk(bound, n_bound).indices])
         pos = table[h, cand].flatten()
         keys = index._page_keys[h, cand, :, : index.head_dim].reshape(-1, index.head_dim)
         logits = (queries[h] @ keys.T) * index.scale
@@ -209,7 +241,7 @@ def reference_masses(index, queries: torch.Tensor, max_pages: int, resident_lse=
         if resident_lse is not None:
             lse = torch.logaddexp(lse, resident_lse[h])
         probs = torch.exp(logits - lse.unsqueeze(-1))
-        mass = probs.sum(0).view(n_cand, -1).sum(-1)
+        mass = probs.sum(0).view(cand.numel(), -1).sum(-1)
         out.append(dict(zip(cand.tolist(), mass.tolist())))
     return out
 
@@ -332,7 +364,7 @@ def test_descent_search_returns_the_scan_search_pages(n):
     keys, build_q = torch.randn(3, n, 8, generator=g), torch.randn(3, 6, 8, generator=g)
     results = []
     for mode in ("scan", "descent"):
-        index = icecache.get_index("tree", head_dim=8, page_size=4, search=mode)
+        index = icecache.get_index("tree", head_dim=8, page_size=4, search=mode, bound_candidates=0)
         index.build(keys, build_q)
         index.insert(torch.randn(3, 9, 8, generator=torch.Generator().manual_seed(1)))
         results.append(index.search(torch.randn(3, 3, 8, generator=torch.Generator().manual_seed(2)), 5))
@@ -355,12 +387,14 @@ def test_the_first_hot_tier_is_rescored_whatever_its_centroid():
     query = torch.zeros(1, 3, 16)
     query[0, :, 0] = 1.0
     found = {}
-    for pinned in (True, False):
-        index = icecache.get_index("tree", head_dim=16, page_size=16, hot_pages=1, min_candidates=1,
-                                   candidate_factor=1, rescore_hot_tier=pinned)
+    for pinned, bound in ((True, 0), (False, 0), (False, 1)):
+        index = icecache.get_index("tree", head_dim=16, page_size=16, hot_pages=1, span_pages=0, min_candidates=1,
+                                   candidate_factor=1, rescore_hot_tier=pinned, bound_candidates=bound)
         index.build(keys, build_queries)
         assert needle in index.page_table[0, 0].tolist()  # the first hot tier is page 0
         assert index._pinned == (1 if pinned else 0)
         pages = index.search(query, 1)
-        found[pinned] = needle in index.page_table[0, pages[0]].flatten().tolist()
-    assert found[True] and not found[False]  # the centroid alone misses it
+        found[pinned, bound] = needle in index.page_table[0, pages[0]].flatten().tolist()
+    assert found[True, 0] and not found[False, 0]  # the centroid alone misses it
+    # one more candidate ranked by the bound on its best token, q . c + |q| r, finds it too
+    assert found[False, 1]

@@ -5,10 +5,8 @@ multi-key questions through vLLM against the transformers path; `vllm serve` wit
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -17,28 +15,13 @@ from pathlib import Path
 import pytest
 
 import icecache
+from icecache.bench import vllm as bench_vllm
 
-ROOT = Path(__file__).resolve().parents[1]
-VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 pytestmark = pytest.mark.vllm
 
 
-def vllm_env() -> dict:
-    if not VLLM_PYTHON.exists():
-        pytest.fail(f"{VLLM_PYTHON} is missing: ./scripts/setup.sh builds vLLM's environment")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
-    env.pop("TRITON_INTERPRET", None)
-    return env
-
-
 def run_engines(tmp_path: Path, job: dict) -> list[dict]:
-    job_path, out_path = tmp_path / "job.json", tmp_path / "out.json"
-    job_path.write_text(json.dumps(job))
-    done = subprocess.run([str(VLLM_PYTHON), "-m", "icecache.integrations.vllm.engine_run", str(job_path),
-                           str(out_path)], cwd=tmp_path, env=vllm_env(), capture_output=True, text=True,
-                          timeout=1200)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(out_path.read_text())
+    return bench_vllm.run_engines(job, tmp_path, timeout=1200)
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +97,10 @@ def test_vllm_serve_with_the_plugin_answers_concurrent_completions(tmp_path, mod
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen(
         # what `vllm serve` runs (vllm-cpu 0.32's own `vllm` command looks up a distribution named "vllm" and fails)
-        [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", "127.0.0.1",
+        [str(bench_vllm.vllm_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", "127.0.0.1",
          "--port", str(port), "--max-model-len", "2048", "--enforce-eager", "--dtype", "float32",
          "--no-enable-prefix-caching", "--additional-config", config, "--served-model-name", "smollm2"],
-        cwd=tmp_path, env=vllm_env(), stdout=log, stderr=subprocess.STDOUT)
+        cwd=tmp_path, env=bench_vllm.vllm_env(), stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 300
         while True:

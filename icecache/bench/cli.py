@@ -7,6 +7,10 @@ import time
 from pathlib import Path
 
 
+INDEX_SPEC_HELP = ("default: every registered index; a variant as NAME:OPTION=VALUE,... (e.g. "
+                   "tree:hot_layout=spans) makes a row of its own")
+
+
 def _load_model(args):
     from ..models import load_model
 
@@ -140,7 +144,7 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     recall = kinds.add_parser("recall", help="retrieval recall of every index on real attention")
     recall.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192])
     recall.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256, 512])
-    recall.add_argument("--indexes", nargs="+", default=None, help="default: every registered index")
+    recall.add_argument("--indexes", nargs="+", default=None, help=INDEX_SPEC_HELP)
     recall.add_argument("--steps", type=int, default=32, help="greedy decode steps scored per context")
     recall.add_argument("--layers", type=int, nargs="+", default=None, help="default: every 3rd sparse layer")
     recall.add_argument("--prose", default=None, help="a text file to use instead of pydoc_data prose")
@@ -161,7 +165,7 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
 
     tasks.add_argument("--sources", nargs="+", default=["pydoc"], choices=PROSE_SOURCES,
                        help="haystack prose, taken in turn per question")
-    tasks.add_argument("--indexes", nargs="+", default=None)
+    tasks.add_argument("--indexes", nargs="+", default=None, help=INDEX_SPEC_HELP)
     tasks.add_argument("--seed", type=int, default=0)
     tasks.add_argument("--prose", default=None, help="a text file to use instead of pydoc_data prose")
     tasks.add_argument("--select-every", type=int, default=1,

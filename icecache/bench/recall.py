@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..index import available_indexes, get_index
 from ..runtime import Budget, SparseLayer, layer_plan
 from .capture import Capture, capture
-from .common import environment, prompt_ids, table, write_json
+from .common import environment, parse_index_spec, prompt_ids, table, write_json
 
 CEILING = "tokens (ceiling)"
 
@@ -127,8 +127,9 @@ def run_recall(model, tokenizer, contexts=(4096,), budgets=(64, 128, 256, 512), 
             for b in budgets:
                 budget = Budget(b, page_size, sink, window)
                 per_layer = {}
+                base, options = (name, {}) if name == CEILING else parse_index_spec(name)
                 for l in layer_ids:
-                    per_layer[l] = evaluate_layer(cap, l, name, budget, index_options.get(name))
+                    per_layer[l] = evaluate_layer(cap, l, base, budget, {**index_options.get(base, {}), **options})
                     bar.update(1)
                 mean = {k: None if first is None else sum(r[k] for r in per_layer.values()) / len(per_layer)
                         for k, first in next(iter(per_layer.values())).items()}

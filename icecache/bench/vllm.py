@@ -29,15 +29,21 @@ def vllm_python() -> Path:
     return path
 
 
-def run_engines(job: dict, workdir: str | Path | None = None) -> list[dict]:
+def vllm_env(kv_cache_gib: int = 1) -> dict:
+    """Environment for a vLLM process: offline, `kv_cache_gib` of CPU KV cache, Triton not interpreted."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib))
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def run_engines(job: dict, workdir: str | Path | None = None, timeout: float | None = None) -> list[dict]:
     """Run `icecache.integrations.vllm.engine_run` on `job` in vLLM's environment; its results."""
     workdir = Path(workdir or tempfile.mkdtemp())
     job_path, out_path = workdir / "job.json", workdir / "out.json"
     job_path.write_text(json.dumps(job))
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    env.pop("TRITON_INTERPRET", None)
     done = subprocess.run([str(vllm_python()), "-m", "icecache.integrations.vllm.engine_run", str(job_path),
-                           str(out_path)], cwd=workdir, env=env, capture_output=True, text=True)
+                           str(out_path)], cwd=workdir, env=vllm_env(job.get("kv_cache_gib", 1)),
+                          capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"vLLM run failed:\n{done.stderr[-4000:]}")
     return json.loads(out_path.read_text())

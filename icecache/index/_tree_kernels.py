@@ -241,6 +241,7 @@ def _top_indices(values: np.ndarray, k: int) -> np.ndarray:
 
 
 _LOG2E = np.float32(1.4426950408889634)
+_LOWEST = np.float32(np.finfo(np.float32).min)
 
 
 @numba.njit(cache=True, fastmath=_FAST)
@@ -320,14 +321,16 @@ def _rescore(q, h, cand, n_cand, fill, page_keys, scale, resident_lse, logits, b
 
 
 @numba.njit(cache=True, fastmath=_FAST)
-def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages, scale, resident_lse, pinned):
+def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages, scale, resident_lse, pinned,
+                 page_node, radii, n_bound):
     """The tree's search for every KV head in one compiled pass (`TreeIndex._search`).
 
     queries `[kv, g, d]`; centroids `[kv, d, cap]` (bfloat16 bits); fill `[kv, cap]` (a page's tokens sit
     in its first `fill` slots); page_keys `[kv, cap, page_size, d + 1]` (each page's augmented keys stored
     together, so a candidate page is one contiguous read). Ranks the first `n_pages` leaves by
-    `max_g q_g . centroid`, rescores the tokens of the best `n_cand` (pages `0 .. pinned - 1` always among
-    them) exactly (a softmax per query head
+    `max_g q_g . centroid`, takes the best `n_cand - n_bound` (pages `0 .. pinned - 1` always among them)
+    and the best `n_bound` others by `max_g q_g . c + |q_g| r` (leaf centre and radius from the node
+    hierarchy: `page_node` `[kv, cap]`, `radii` `[kv, nodes]`), rescores their tokens exactly (a softmax per query head
     over the candidates' tokens plus the resident tokens, whose log-sum-exp `resident_lse` `[kv, g]` the
     runtime gives, -inf for none), and returns the `min(max_pages, n_cand)` candidates holding the most attention mass, best
     first, `[kv, k]` int64. Empty pages rank last. Inner loops run along contiguous memory (pages in
@@ -363,7 +366,29 @@ def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages
         for p in range(min(pinned, n_pages)):  # always candidates, whatever their centroid says
             if fill[h, p] > 0:
                 score[p] = np.inf
-        cand = _top_indices(score, n_cand)  # unordered: the rescoring ranks them
+        n_centroid = n_cand - n_bound
+        cand = np.empty(n_cand, np.int64)
+        cand[:n_centroid] = _top_indices(score, n_centroid)  # unordered: the rescoring ranks them
+        if n_bound > 0:
+            # 2) plus the best leaves by the bound on their best token, `q . c + |q| r`: a page clustered
+            # with dissimilar keys can hold the one token a step needs, far below its centroid's rank
+            for g in range(group):
+                norm = 0.0
+                for j in range(dim):
+                    norm += q[g, j] * q[g, j]
+                norm = np.sqrt(norm)
+                row = partial[g]
+                for p in range(n_pages):
+                    row[p] += norm * radii[h, page_node[h, p]]
+            for p in range(n_pages):
+                best = partial[0, p]
+                for g in range(1, group):
+                    best = max(best, partial[g, p])
+                # empty pages below every real one but above the taken ones, so no page is taken twice
+                score[p] = best if fill[h, p] > 0 else _LOWEST
+            for i in range(n_centroid):
+                score[cand[i]] = -np.inf  # already a candidate
+            cand[n_centroid:] = _top_indices(score, n_bound)
         _rescore(q, h, cand, n_cand, fill, page_keys, scale, resident_lse, logits, bits, top, mass, out[h])
     return out
 

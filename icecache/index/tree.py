@@ -3,8 +3,11 @@
 Per KV head, tokens are split recursively in two by 2-means on keys augmented for maximum inner product
 (`k' = [k, sqrt(M^2 - |k|^2)]`), each split cut so that the left side holds whole pages: every leaf of
 the resulting binary tree is one full page (fill ~1.0 at build), and siblings get adjacent page ids.
-Tokens the prefill's last queries attend to most ("hot" tokens) are laid out first, in tiers of growing
-size (8, 24, 72 pages by default: the hottest tokens pack tightest), and within a tier by the same
+Tokens the prefill's last queries attend to most ("hot" tokens) are laid out first. The very first pages
+(`span_pages`, 4 by default) are token-order runs: the page-grid cell around each of the hottest tokens,
+so a needle keeps its key, its value and its digits together and in order; a page clustered by role
+would bind the keys of several needles and none of their values (benchmarks/RESULTS.md). The next
+hottest follow in tiers of growing size (8, 24, 72 pages by default: the hottest tokens pack tightest), and within a tier by the same
 balanced 2-means over their *attention profile* (the square root of the attention probability each
 prefill query gives them) rather than their keys: queries are not keys, and tokens the same queries
 attend to are the ones a decode step needs together (see shared FINDINGS; the profile layout added
@@ -16,8 +19,10 @@ the balanced splits down to pages. Every node keeps the count, centre and a radi
 every key below it, so `q . c + |q| r` bounds every token and every page centroid below it.
 
 Search (default `search="scan"`) scores every leaf centroid against the group's queries, keeps
-`candidate_factor x max_pages` candidate pages plus the first hot tier's pages (grouped by attention, not
-by key, so their centroids say little about them), scores their tokens exactly and returns the pages holding
+`candidate_factor x max_pages` candidate pages plus the span pages and the first hot tier's pages (grouped
+by position or attention, not by key, so their centroids say little about them) plus `bound_candidates`
+pages ranked by the bound on their best token (`q . c + |q| r`: a page whose centroid is unremarkable can
+still hold one token the step needs), scores their tokens exactly and returns the pages holding
 the most attention mass (each query head's softmax also counting the resident sink and window, through
 the runtime's `resident_lse`). `search="descent"` finds the same candidates by a best-first descent
 from the root that skips subtrees whose bound cannot reach them; on the model's real 64-dimensional keys
@@ -105,11 +110,22 @@ class TreeIndex(TokenIndex):
             queries' attention, not by key, so their key centroid can rank them low while they hold the
             token a step needs most: at 4k, a pass-key page holding 90% of a retrieval head's attention
             ranked 80th by centroid, outside the 64 candidates (benchmarks/RESULTS.md).
-        hot_layout: how the first hot tier is laid out. "profile" (default): the hottest tokens, grouped by
-            which prefill queries attend them. "spans": the token-order page around each of the hottest
-            tokens, so a needle's tokens stay together and in order (a key and the value after it, the
-            digits of a number). On Gemma 3, which spells numbers one digit per token, "profile" lost
-            pass keys that token order keeps (benchmarks/LONG_CONTEXT.md).
+        bound_candidates: pages rescored on top of the centroid-ranked candidates, ranked by the bound on
+            their best token, `max_g q_g . c + |q_g| r` (leaf centre and radius from the node hierarchy).
+            Default 16. A page clustered with dissimilar keys can hold the one token a step needs: at 4k, a
+            pass-key digit carrying 0.86 of a head's attention sat in a page ranked 195th of 253 by
+            centroid (45th by this bound), so the tree wrote `6049` for `60494` at budget 256. They cost
+            no recall (4k: 0.728 with them, 0.727 without). `search="scan"` only.
+        span_pages: token-order pages laid out first, before the hot tiers: the page-grid cell
+            `[w * page_size, (w + 1) * page_size)` holding each of the hottest tokens not yet covered, so
+            a needle's tokens stay together and in order (a key and the value after it, the digits of a
+            number); they are always rescored, like the first hot tier. Semantic pages bind tokens by
+            role, so one page can hold the keys of several needles and none of their values. Default 4: at
+            budget 64 they kept more of full KV's answers than the profile tiers alone (4k suite: 0.65
+            against 0.58; 2k: 0.81 against 0.70), for 0.01 of 4k recall (benchmarks/RESULTS.md).
+        hot_layout: "profile" (default): the first hot tier groups the hottest tokens by which prefill
+            queries attend them. "spans": it becomes `hot_pages` more span pages instead (measured on
+            Gemma 3, which spells numbers one digit per token, benchmarks/LONG_CONTEXT.md).
         search: "scan" (default) scores every leaf centroid to pick the candidates; "descent" finds the
             same candidates by a bounded best-first descent of the node hierarchy. Both then rescore the
             candidates exactly. On this model's keys at 8k the bound prunes almost nothing, and the
@@ -118,16 +134,22 @@ class TreeIndex(TokenIndex):
 
     uses_build_queries = True
     uses_resident_lse = True
-    _pinned = 0  # pages 0 .. _pinned - 1 (the first hot tier) are always rescored
+    _pinned = 0  # pages 0 .. _pinned - 1 (span pages, the first hot tier) are always rescored
 
     def __init__(self, head_dim: int, page_size: int = 16, hot_pages: int = 8, candidate_factor: int = 4,
                  norm_headroom: float = 1.2, min_candidates: int = 64, hot_tiers: int = 3, hot_growth: int = 3,
                  max_hot_share: float = 0.4, branching: int = 2, depth: int = 0, search: str = "scan",
-                 rescore_hot_tier: bool = True, hot_layout: str = "profile") -> None:
+                 rescore_hot_tier: bool = True, hot_layout: str = "profile", span_pages: int = 4,
+                 bound_candidates: int = 16) -> None:
         super().__init__(head_dim, page_size)
         if hot_layout not in ("profile", "spans"):
             raise ValueError(f"hot_layout must be 'profile' or 'spans', got {hot_layout!r}")
-        self.hot_layout = hot_layout
+        if not isinstance(span_pages, int) or isinstance(span_pages, bool) or span_pages < 0:
+            raise ValueError(f"span_pages must be a non-negative int, got {span_pages!r}")
+        self.hot_layout, self.span_pages = hot_layout, span_pages
+        if not isinstance(bound_candidates, int) or isinstance(bound_candidates, bool) or bound_candidates < 0:
+            raise ValueError(f"bound_candidates must be a non-negative int, got {bound_candidates!r}")
+        self.bound_candidates = bound_candidates
         if not isinstance(rescore_hot_tier, bool):
             raise ValueError(f"rescore_hot_tier must be True or False, got {rescore_hot_tier!r}")
         self.rescore_hot_tier = rescore_hot_tier
@@ -177,11 +199,13 @@ class TreeIndex(TokenIndex):
         self._page_keys = torch.zeros(kv_heads, cap, self.page_size, d + 1)
         self._pages = np.zeros(kv_heads, dtype=np.int64)
         self._alloc_nodes(kv_heads, cap, d)
-        tiers = self._hot_tier_pages(n // self.page_size) if queries is not None else []
-        self._pinned = tiers[0] if tiers and self.rescore_hot_tier else 0
+        spans, tiers = self._hot_layout(n // self.page_size) if queries is not None else (0, [])
+        # always rescored: the span pages and the first profile tier (`hot_pages`), whose centroids say little
+        first_tier = tiers[0] if tiers and self.hot_layout == "profile" else 0
+        self._pinned = spans + first_tier if self.rescore_hot_tier else 0
         for h in range(kv_heads):
             group_starts = []
-            for tokens, features in self._layout_groups(h, keys[h], aug[h], queries, tiers):
+            for tokens, features in self._layout_groups(h, keys[h], aug[h], queries, spans, tiers):
                 # features None: the group is already in its page order (token-order spans)
                 order = (torch.arange(tokens.numel()) if features is None else
                          tree_pages(features, self.page_size, self.branching, self.depth, seed=h))
@@ -200,47 +224,41 @@ class TreeIndex(TokenIndex):
                        np.zeros((kv_heads, cap, d), dtype=np.float32), np.zeros((kv_heads, cap)),  # centres, radii
                        np.zeros(kv_heads, dtype=np.int64))  # nodes per head
 
-    def _hot_tier_pages(self, pages: int) -> list[int]:
-        """Pages of each hot tier, hottest first, within `max_hot_share` of `pages`."""
-        tiers, left, size = [], int(pages * self.max_hot_share), self.hot_pages
-        for _ in range(self.hot_tiers):
+    def _hot_layout(self, pages: int) -> tuple[int, list[int]]:
+        """Span pages, then pages of each hot tier, hottest first, within `max_hot_share` of `pages`."""
+        left = int(pages * self.max_hot_share)
+        wanted = self.span_pages + (self.hot_pages if self.hot_layout == "spans" else 0)
+        spans = min(wanted, left)
+        tiers, left, size = [], left - spans, self.hot_pages
+        for i in range(self.hot_tiers):
             take = min(size, left)
             if take <= 0:
                 break
-            tiers.append(take)
-            left, size = left - take, size * self.hot_growth
-        return tiers
+            if not (i == 0 and self.hot_layout == "spans"):
+                tiers.append(take)
+                left -= take
+            size *= self.hot_growth
+        return spans, tiers
 
     def _layout_groups(self, h: int, keys: torch.Tensor, aug: torch.Tensor, queries: torch.Tensor | None,
-                       tiers: list[int]):
-        """`(tokens [t], features [t, f])` groups of KV head `h`, each laid out from a fresh page: the
-        hot tiers (`tiers`: pages each, from `_hot_tier_pages`) by attention profile, then the rest by
-        augmented key."""
+                       spans: int, tiers: list[int]):
+        """`(tokens [t], features [t, f] or None)` groups of KV head `h`, each laid out from a fresh page:
+        `spans` token-order pages around the hottest tokens (features None: already in page order), the
+        hot tiers (`tiers`: pages each) by attention profile, then the rest by augmented key."""
         n = keys.shape[0]
-        if not tiers:
+        if not spans and not tiers:
             return [(torch.arange(n), aug)]
         logits = queries[h].detach().float().cpu() @ keys.T * self.scale  # [m, n]
         probs = torch.softmax(logits, dim=-1)
         profile = probs.sqrt()  # sqrt: profiles compare by Hellinger distance
         order = torch.argsort(probs.sum(0), descending=True)  # hottest first
         groups, start = [], 0
-        if self.hot_layout == "spans":
-            # the first tier: the token-order page around each of the hottest tokens, so a needle's tokens
-            # (a key and the value after it, the digits of a number) stay together and in order
-            grid = order // self.page_size
-            seen, windows = set(), []
-            for w in grid.tolist():
-                if w not in seen:
-                    seen.add(w)
-                    windows.append(w)
-                    if len(windows) == tiers[0]:
-                        break
-            spans = torch.cat([torch.arange(w * self.page_size, min((w + 1) * self.page_size, n)) for w in windows])
-            groups.append((spans, None))
+        if spans:
+            runs = self._span_runs(order, n, spans)
+            groups.append((runs, None))
             rest_mask = torch.ones(n, dtype=torch.bool)
-            rest_mask[spans] = False
+            rest_mask[runs[runs >= 0]] = False
             order = order[rest_mask[order]]
-            tiers = tiers[1:]
         for pages in tiers:
             tokens = order[start : start + pages * self.page_size]
             groups.append((tokens, profile[:, tokens].T.contiguous()))
@@ -249,6 +267,17 @@ class TreeIndex(TokenIndex):
         if rest.numel():
             groups.append((rest, aug[rest]))
         return groups
+
+    def _span_runs(self, order: torch.Tensor, n: int, count: int) -> torch.Tensor:
+        """`[count * page_size]` positions: the grid page holding each of the hottest tokens in `order`
+        not yet covered, in token order (-1 pads the last page when `n` is not a multiple)."""
+        ps = self.page_size
+        cells = list(dict.fromkeys((order // ps).tolist()))[:count]
+        runs = torch.full((len(cells), ps), -1, dtype=torch.long)
+        for i, w in enumerate(cells):
+            run = torch.arange(w * ps, min((w + 1) * ps, n))
+            runs[i, : run.numel()] = run
+        return runs.flatten()
 
     def _append_pages(self, h: int, tokens: torch.Tensor, aug: torch.Tensor) -> None:
         ps, count = self.page_size, -(-tokens.numel() // self.page_size)
@@ -321,6 +350,9 @@ class TreeIndex(TokenIndex):
         pages = self.num_pages
         # the first hot tier's pages are rescored on top of the centroid-ranked candidates
         n_cand = min(pages, max(max_pages * self.candidate_factor, self.min_candidates) + self._pinned)
+        # plus pages ranked by the bound on their best token (scan only)
+        n_bound = min(pages - n_cand, self.bound_candidates) if self.search_mode == "scan" else 0
+        n_cand += n_bound
         if resident_lse is None:
             lse = np.full(q.shape[:2], -np.inf, np.float32)
         else:
@@ -331,7 +363,8 @@ class TreeIndex(TokenIndex):
                                                            self.scale, lse, self._pinned)
         else:
             best = search_pages(q, _bits(self._cent), self._fill.numpy(), self._page_keys.numpy(), pages,
-                                n_cand, max_pages, self.scale, lse, self._pinned)
+                                n_cand, max_pages, self.scale, lse, self._pinned, self._nodes[4], self._nodes[8],
+                                n_bound)
             self._last_scored = self.kv_heads * pages
         self._last_rescored = n_cand * self.page_size
         return torch.from_numpy(best).to(queries.device)
