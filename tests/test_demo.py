@@ -1,8 +1,7 @@
-"""The demo's rows: by default full KV, the default index and `exact`; `"all"` adds every available index."""
+"""The demo's rows: by default full KV, the default index and `exact`."""
 
 from __future__ import annotations
 
-import icecache
 from icecache.demo import DEMO_INDEXES, format_table, run_demo
 
 
@@ -16,9 +15,3 @@ def test_demo_shows_the_default_index_beside_full_kv_and_exact(smollm):
     assert rows[1].device_kv_bytes < rows[0].device_kv_bytes
     assert "| tree" in format_table(rows)
 
-
-def test_demo_compares_every_index_on_request(smollm):
-    model, tokenizer = smollm
-    rows = run_demo(samples=1, context_tokens=300, budgets=(64,), indexes="all", model=model, tokenizer=tokenizer,
-                    max_new_tokens=2)
-    assert [r.method for r in rows[1:]] == list(icecache.available_indexes())
