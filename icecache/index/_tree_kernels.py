@@ -321,6 +321,16 @@ def _rescore(q, h, cand, n_cand, fill, page_keys, scale, resident_lse, logits, b
 
 
 @numba.njit(cache=True, fastmath=_FAST)
+def _best_of_group(partial, fill, n_pages, empty, score):
+    """`score[p]` = max over the query heads of `partial[:, p]`; `empty` for pages holding no token."""
+    for p in range(n_pages):
+        best = partial[0, p]
+        for g in range(1, partial.shape[0]):
+            best = max(best, partial[g, p])
+        score[p] = best if fill[p] > 0 else empty
+
+
+@numba.njit(cache=True, fastmath=_FAST)
 def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages, scale, resident_lse, pinned,
                  page_node, radii, n_bound):
     """The tree's search for every KV head in one compiled pass (`TreeIndex._search`).
@@ -347,6 +357,8 @@ def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages
     bits = np.empty(n_cand * page_size, np.int32)
     top = np.empty(group, np.float32)
     mass = np.empty(n_cand, np.float64)
+    n_centroid = n_cand - n_bound
+    cand = np.empty(n_cand, np.int64)
     for h in range(kv_heads):
         q = queries[h]
         # 1) centroid score of every leaf, max over the group's query heads
@@ -358,16 +370,10 @@ def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages
                 row = partial[g]
                 for p in range(n_pages):
                     row[p] += qj * column[p]
-        for p in range(n_pages):
-            best = partial[0, p]
-            for g in range(1, group):
-                best = max(best, partial[g, p])
-            score[p] = best if fill[h, p] > 0 else -np.inf
+        _best_of_group(partial, fill[h], n_pages, -np.inf, score)
         for p in range(min(pinned, n_pages)):  # always candidates, whatever their centroid says
             if fill[h, p] > 0:
                 score[p] = np.inf
-        n_centroid = n_cand - n_bound
-        cand = np.empty(n_cand, np.int64)
         cand[:n_centroid] = _top_indices(score, n_centroid)  # unordered: the rescoring ranks them
         if n_bound > 0:
             # 2) plus the best leaves by the bound on their best token, `q . c + |q| r`: a page clustered
@@ -380,12 +386,8 @@ def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages
                 row = partial[g]
                 for p in range(n_pages):
                     row[p] += norm * radii[h, page_node[h, p]]
-            for p in range(n_pages):
-                best = partial[0, p]
-                for g in range(1, group):
-                    best = max(best, partial[g, p])
-                # empty pages below every real one but above the taken ones, so no page is taken twice
-                score[p] = best if fill[h, p] > 0 else _LOWEST
+            # empty pages below every real one but above the taken ones, so no page is taken twice
+            _best_of_group(partial, fill[h], n_pages, _LOWEST, score)
             for i in range(n_centroid):
                 score[cand[i]] = -np.inf  # already a candidate
             cand[n_centroid:] = _top_indices(score, n_bound)
