@@ -43,7 +43,7 @@ def main() -> None:
         build_queries = cap.prefill_queries[layer].reshape(kv, -1, d)
         indexes = {mode: icecache.get_index("tree", head_dim=d, page_size=page, search=mode) for mode in MODES}
         for index in indexes.values():
-            index.build(keys, build_queries)
+            index.build(keys, icecache.BuildContext(build_queries))
         pages, micros, scored = {}, {}, {}
         for mode, index in indexes.items():
             index.search(cap.decode_queries[layer][0].view(kv, -1, d), max_pages)  # compile / warm up

@@ -19,12 +19,22 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Budget": ".runtime", "IceCache": ".runtime", "IceRuntime": ".runtime",
     "TokenIndex": ".index", "available_indexes": ".index", "get_index": ".index", "register_index": ".index",
+    "DEFAULT_INDEX": ".index", "BuildContext": ".index", "SearchContext": ".index", "IndexOptions": ".index",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:
-    from .index import TokenIndex, available_indexes, get_index, register_index
+    from .index import (
+        DEFAULT_INDEX,
+        BuildContext,
+        IndexOptions,
+        SearchContext,
+        TokenIndex,
+        available_indexes,
+        get_index,
+        register_index,
+    )
     from .runtime import Budget, IceCache, IceRuntime
 
 

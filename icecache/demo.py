@@ -4,18 +4,17 @@ full KV beside the default index and the token-order oracle `exact` (or every av
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from .index import available_indexes
+from .index import DEFAULT_INDEX, available_indexes
 from .runtime import IceRuntime, full_kv_copy, generate_after_prefill, shared_prefill
 from .tasks import TaskBuilder
 
 #: the demo's rows by default: the library's default index (`IceRuntime()`'s) beside the token-order oracle
-DEMO_INDEXES = (inspect.signature(IceRuntime).parameters["index"].default, "exact")
+DEMO_INDEXES = (DEFAULT_INDEX, "exact")
 
 
 @dataclass

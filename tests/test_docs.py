@@ -163,3 +163,20 @@ def test_index_lists_every_page() -> None:
     pages = {p.name for p in DOCS.glob("*.md")} - {"index.md"}
     assert not pages - linked, f"docs/index.md does not link {sorted(pages - linked)}"
     assert not {p for p in linked if not (DOCS / p).is_file()}, "docs/index.md links missing pages"
+
+
+def test_api_reference_lists_every_index_option_with_its_default() -> None:
+    import ast
+    import dataclasses
+
+    import icecache
+
+    rows = {m.group(1): m.group(2) for m in re.finditer(r'^\| `"([\w-]+)"` \| `\w+` \(`[\w.]+`\) \| (.*) \|$',
+                                                         (DOCS / "api.md").read_text(), re.MULTILINE)}
+    builtin = [n for n in icecache.available_indexes() if icecache.index.index_class(n).__module__.startswith("icecache.")]
+    assert sorted(rows) == sorted(builtin)
+    for name, cell in rows.items():
+        documented = {k: ast.literal_eval(v) for k, v in re.findall(r"`(\w+)=([^`]+)`", cell)}
+        fields = {f.name: f.default for f in dataclasses.fields(icecache.index.index_class(name).Options)}
+        assert documented == fields, name
+        assert (cell == "none") == (not fields), name

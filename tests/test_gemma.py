@@ -40,7 +40,7 @@ def test_budget_covering_the_context_reproduces_full_kv(gemma, prompt_ids, full_
     out = model.generate(prompt_ids, cache=cache, max_new_tokens=8, do_sample=False, prefill_chunk_size=1024)
     assert torch.equal(out, full_kv_tokens)
     scale = model.config.query_pre_attn_scalar ** -0.5
-    assert all(layer.index.scale == pytest.approx(scale) for layer in cache.sparse_layers)
+    assert all(layer.scale == pytest.approx(scale) for layer in cache.sparse_layers)
 
 
 def test_pass_key_at_small_budget_with_global_layers_within_budget(gemma):

@@ -54,7 +54,21 @@ def test_chunked_prefill_builds_one_index_over_the_whole_prompt(model, prompt):
     assert torch.equal(out, expected)
     for layer in cache.sparse_layers:
         assert layer.index.num_tokens == out.shape[1] - 1 - 4 - 8  # everything between sink and window
-        assert layer.scale == pytest.approx(9 ** -0.5) and layer.index.scale == pytest.approx(9 ** -0.5)
+        assert layer.scale == pytest.approx(9 ** -0.5)
+
+
+def test_the_index_builds_and_searches_with_the_model_scale(model, prompt, monkeypatch):
+    from icecache.index.tree import TreeIndex
+
+    scales = []  # the scale every build and search of the tree was given
+    build, search = TreeIndex._build, TreeIndex._search
+    monkeypatch.setattr(TreeIndex, "_build", lambda self, k, ctx: (scales.append(ctx.scale), build(self, k, ctx))[1])
+    monkeypatch.setattr(TreeIndex, "_search", lambda self, q, n, ctx: (scales.append(ctx.scale), search(self, q, n, ctx))[1])
+    runtime = icecache.IceRuntime(index="tree", budget=32, page_size=4, sink=4, window=8)  # small: it searches
+    cache = runtime.new_cache(model)
+    model.generate(prompt, cache=cache, max_new_tokens=4, do_sample=False)
+    assert len(scales) == 4 * len(cache.sparse_layers)  # per sparse layer: a build, then 3 decode-step searches
+    assert scales == pytest.approx([9 ** -0.5] * len(scales))  # the model's, not 1 / sqrt(head_dim)
 
 
 def test_small_budget_keeps_sparse_layers_within_budget_plus_window(model, prompt):

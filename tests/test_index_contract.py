@@ -1,12 +1,15 @@
 """Invariants every registered index must keep, checked on random keys with hypothesis."""
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 import icecache
-from icecache.index.base import TokenIndex
+from icecache.index import SearchContext
+from icecache.index.base import IndexOptions, TokenIndex
 
 INDEXES = icecache.available_indexes()
 
@@ -90,9 +93,16 @@ def test_bad_input_raises_and_keeps_index(name):
     with pytest.raises(ValueError, match="max_pages"):
         index.search(keys[:, :1], -1)
     with pytest.raises(ValueError, match="resident_lse"):
-        index.search(keys[:, :1], 2, torch.zeros(2, 3))
+        index.search(keys[:, :1], 2, SearchContext(torch.zeros(2, 3)))
     with pytest.raises(ValueError, match="resident_lse"):
-        index.search(keys[:, :1], 2, torch.full((2, 1), float("nan")))
+        index.search(keys[:, :1], 2, SearchContext(torch.full((2, 1), float("nan"))))
+    with pytest.raises(ValueError, match="scale"):
+        index.search(keys[:, :1], 2, SearchContext(scale=-1.0))
+    with pytest.raises(TypeError, match="SearchContext"):
+        index.search(keys[:, :1], 2, torch.zeros(2, 1))
+    with pytest.raises(ValueError, match="start must be num_tokens \\(20\\)"):
+        index.insert(keys[:, :2], start=25)
+    assert torch.equal(index.page_table, table) and index.num_tokens == 20, "nothing stored was lost"
 
 
 @pytest.mark.parametrize("name", INDEXES)
@@ -102,7 +112,7 @@ def test_resident_attention_only_reweighs_query_heads(name):
     index.build(random_keys(1, 2, 64, 8))
     queries = random_keys(2, 2, 3, 8)
     none = torch.full((2, 3), float("-inf"))
-    assert torch.equal(index.search(queries, 3), index.search(queries, 3, none))
+    assert torch.equal(index.search(queries, 3), index.search(queries, 3, SearchContext(none)))
 
 
 @pytest.mark.parametrize("name", INDEXES)
@@ -114,11 +124,37 @@ def test_finite_resident_attention_takes_a_head_out_of_the_ranking(name):
     index.build(random_keys(3, 1, 64, 8))
     queries = random_keys(4, 1, 2, 8) * 3
     finite = torch.tensor([[60.0, float("-inf")]])
-    got = index.search(queries, 3, finite)
+    got = index.search(queries, 3, SearchContext(finite))
     if cls.uses_resident_lse:
         assert torch.equal(got, index.search(queries[:, 1:], 3))  # only the second head counts
     else:
         assert torch.equal(got, index.search(queries, 3))
+
+
+@pytest.mark.parametrize("name", INDEXES)
+def test_options_are_a_frozen_dataclass_checked_at_creation(name):
+    cls = icecache.index.index_class(name)
+    assert issubclass(cls.Options, IndexOptions) and dataclasses.is_dataclass(cls.Options)
+    index = icecache.get_index(name, head_dim=8)
+    assert index.options == cls.Options() and hash(index.options) == hash(cls.Options())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        index.options.__setattr__("anything", 1)
+    with pytest.raises(ValueError, match=f"unknown option.*'nope'.*{name!r}"):
+        icecache.get_index(name, head_dim=8, nope=1)
+    with pytest.raises(ValueError, match="unknown option.*'nope'"):
+        icecache.IceRuntime(index=name, index_options={"nope": 1})  # at once, not at the first forward
+    for field in dataclasses.fields(cls.Options):  # a value of the wrong kind names the option
+        with pytest.raises(ValueError, match=field.name):
+            icecache.get_index(name, head_dim=8, **{field.name: "not a valid value"})
+
+
+def test_equal_options_make_equal_index_signatures():
+    a = icecache.IceRuntime(index="tree", budget=64, index_options={"span_pages": 2, "hot_pages": 4})
+    b = icecache.IceRuntime(index="tree", budget=256, index_options={"hot_pages": 4, "span_pages": 2})
+    c = icecache.IceRuntime(index="tree", budget=256, index_options={"hot_pages": 4})
+    assert a.index_signature == b.index_signature != c.index_signature
+    # defaults spelled out are the defaults
+    assert icecache.IceRuntime(index_options={"span_pages": 4}).index_signature == icecache.IceRuntime().index_signature
 
 
 def test_registry_errors_name_the_choices():

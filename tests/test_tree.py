@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import icecache
+from icecache.index import BuildContext, SearchContext
 from icecache.index.tree import balanced_pages, tree_pages
 
 
@@ -126,7 +127,7 @@ def test_hot_tokens_get_their_own_pages():
     target = keys[0, 100].clone()
     queries = (target * 10).view(1, 1, 8)
     index = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=2)
-    index.build(keys, queries)
+    index.build(keys, BuildContext(queries))
     hot = index.page_table[0, :2].flatten()
     assert 100 in hot.tolist()
 
@@ -141,7 +142,7 @@ def test_span_layout_keeps_the_token_order_page_around_each_hot_token():
     queries = torch.zeros(1, 1, 8)
     queries[0, 0, 0] = 3.0
     index = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=2, hot_layout="spans")
-    index.build(keys, queries)
+    index.build(keys, BuildContext(queries))
     first = index.page_table[0, :2].flatten()
     assert first[:16].tolist() == list(range(192, 208))  # the grid page 192..207 around the hottest tokens
     assert set(needle.tolist()) <= set(first.tolist())
@@ -159,7 +160,7 @@ def test_span_pages_come_first_in_token_order_then_the_profile_tiers():
     queries = torch.zeros(1, 1, 8)
     queries[0, 0, 0] = 3.0
     index = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=1, hot_tiers=1, span_pages=1)
-    index.build(keys, queries)
+    index.build(keys, BuildContext(queries))
     assert index.page_table[0, 0].tolist() == list(range(192, 208))  # the needle's own page, in order
     assert set(index.page_table[0, 1].tolist()) <= set(range(5, 512, 31))  # then the hottest tokens left
     assert index._pinned == 2  # span pages and the first hot tier are always rescored
@@ -193,7 +194,7 @@ def test_tokens_the_same_queries_attend_share_a_page():
     keys[0, group_b] += b + 0.3 * torch.randn(16, 8, generator=g)
     queries = torch.stack([a, b]).view(1, 2, 8) * 3
     index = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=2, hot_tiers=1, span_pages=0)
-    index.build(keys, queries)
+    index.build(keys, BuildContext(queries))
     first_two = [set(index.page_table[0, p].tolist()) for p in range(2)]
     assert sorted(map(sorted, first_two)) == sorted([group_a.tolist(), group_b.tolist()])
 
@@ -210,14 +211,15 @@ def test_tree_finds_the_planted_key():
         assert 321 in table[h, pages[h]].flatten().tolist()
 
 
-def reference_masses(index, queries: torch.Tensor, max_pages: int, resident_lse=None) -> list[dict[int, float]]:
+def reference_masses(index, queries: torch.Tensor, max_pages: int, resident_lse=None,
+                     scale: float = 0.3) -> list[dict[int, float]]:
     """The tree's search written as plain torch ops: per head, the attention mass of every candidate page
     (centroid ranking plus the best others by the bound `q . c + |q| r`, then an exact softmax per query head over the candidates' tokens and, through
     `resident_lse`, the resident ones)."""
     table, n_pages = index.page_table, index.num_pages
     pinned = index._pinned  # the first hot tier: always candidates
-    n_cand = min(n_pages, max(max_pages * index.candidate_factor, index.min_candidates) + pinned)
-    n_bound = min(n_pages - n_cand, index.bound_candidates)  # plus the best others by the bound
+    n_cand = min(n_pages, max(max_pages * index.options.candidate_factor, index.options.min_candidates) + pinned)
+    n_bound = min(n_pages - n_cand, index.options.bound_candidates)  # plus the best others by the bound
     page_node, radii = index._nodes[4], index._nodes[8]
     out = []
     for h in range(index.kv_heads):
@@ -235,7 +237,7 @@ def reference_masses(index, queries: torch.Tensor, max_pages: int, resident_lse=
             cand = torch.cat([cand, torch.topk(bound, n_bound).indices])
         pos = table[h, cand].flatten()
         keys = index._page_keys[h, cand, :, : index.head_dim].reshape(-1, index.head_dim)
-        logits = (queries[h] @ keys.T) * index.scale
+        logits = (queries[h] @ keys.T) * scale
         logits = logits.masked_fill(pos < 0, float("-inf"))
         lse = torch.logsumexp(logits, -1)
         if resident_lse is not None:
@@ -251,7 +253,7 @@ def reference_masses(index, queries: torch.Tensor, max_pages: int, resident_lse=
 def test_compiled_search_matches_the_torch_reference(seed, n, inserts, max_pages, group, resident):
     g = torch.Generator().manual_seed(seed)
     index = icecache.get_index("tree", head_dim=8, page_size=4, min_candidates=3, candidate_factor=2)
-    index.build(torch.randn(2, n, 8, generator=g), torch.randn(2, 5, 8, generator=g))
+    index.build(torch.randn(2, n, 8, generator=g), BuildContext(torch.randn(2, 5, 8, generator=g)))
     for m in inserts:
         index.insert(torch.randn(2, m, 8, generator=g))
     queries = torch.randn(2, group, 8, generator=g)
@@ -259,8 +261,8 @@ def test_compiled_search_matches_the_torch_reference(seed, n, inserts, max_pages
     resident_lse = 3 * torch.randn(2, group, generator=g) if resident else None
     if resident:
         resident_lse[0, 0] = float("-inf")
-    pages = index.search(queries, max_pages, resident_lse)
-    expected = reference_masses(index, queries, max_pages, resident_lse)
+    pages = index.search(queries, max_pages, SearchContext(resident_lse, scale=0.3))  # not 1 / sqrt(head_dim)
+    expected = reference_masses(index, queries, max_pages, resident_lse, scale=0.3)
     for h in range(2):
         chosen = pages[h][pages[h] >= 0].tolist()
         assert len(set(chosen)) == len(chosen) == min(max_pages, len(expected[h]))
@@ -295,7 +297,7 @@ def node_walk(index, h):
 def test_node_bounds_hold_for_every_stored_key(seed, n, inserts, hot):
     g = torch.Generator().manual_seed(seed)
     index = icecache.get_index("tree", head_dim=8, page_size=4, hot_pages=hot)
-    index.build(3 * torch.randn(2, n, 8, generator=g), torch.randn(2, 5, 8, generator=g))
+    index.build(3 * torch.randn(2, n, 8, generator=g), BuildContext(torch.randn(2, 5, 8, generator=g)))
     for m in inserts:
         index.insert(3 * torch.randn(2, m, 8, generator=g))
     keys = index._page_keys[..., :8]
@@ -339,7 +341,7 @@ def test_descent_finds_the_best_centroids_a_scan_finds(seed, n, inserts, n_cand,
 
     g = torch.Generator().manual_seed(seed)
     index = icecache.get_index("tree", head_dim=8, page_size=4, hot_pages=2)
-    index.build(torch.randn(2, n, 8, generator=g), torch.randn(2, 5, 8, generator=g))
+    index.build(torch.randn(2, n, 8, generator=g), BuildContext(torch.randn(2, 5, 8, generator=g)))
     for m in inserts:
         index.insert(torch.randn(2, m, 8, generator=g))
     parent, child, sibling, page, page_node, sums, counts, centers, radii, n_nodes = index._nodes
@@ -365,7 +367,7 @@ def test_descent_search_returns_the_scan_search_pages(n):
     results = []
     for mode in ("scan", "descent"):
         index = icecache.get_index("tree", head_dim=8, page_size=4, search=mode, bound_candidates=0)
-        index.build(keys, build_q)
+        index.build(keys, BuildContext(build_q))
         index.insert(torch.randn(3, 9, 8, generator=torch.Generator().manual_seed(1)))
         results.append(index.search(torch.randn(3, 3, 8, generator=torch.Generator().manual_seed(2)), 5))
     # the same candidates (the scan ranks bfloat16 centroids, so near ties could differ; these seeds have
@@ -390,7 +392,7 @@ def test_the_first_hot_tier_is_rescored_whatever_its_centroid():
     for pinned, bound in ((True, 0), (False, 0), (False, 1)):
         index = icecache.get_index("tree", head_dim=16, page_size=16, hot_pages=1, span_pages=0, min_candidates=1,
                                    candidate_factor=1, rescore_hot_tier=pinned, bound_candidates=bound)
-        index.build(keys, build_queries)
+        index.build(keys, BuildContext(build_queries))
         assert needle in index.page_table[0, 0].tolist()  # the first hot tier is page 0
         assert index._pinned == (1 if pinned else 0)
         pages = index.search(query, 1)

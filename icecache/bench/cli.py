@@ -188,13 +188,14 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     latency.add_argument("--out", default="results")
     latency.set_defaults(run=_latency)
 
+    from ..index import DEFAULT_INDEX
     from .prefill import METHODS
 
     prefill = kinds.add_parser("prefill", help="prefill time and peak RSS at long context, icecache vs transformers")
     prefill.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384, 32000])
     prefill.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     prefill.add_argument("--chunk", type=int, default=2048, help="prefill chunk in tokens")
-    prefill.add_argument("--index", default="tree")
+    prefill.add_argument("--index", default=DEFAULT_INDEX)
     prefill.add_argument("--budget", type=int, default=256)
     prefill.add_argument("--max-unchunked", type=int, default=16384,
                          help="longest context for transformers' unchunked prefill")

@@ -54,13 +54,13 @@ def _build_ms(name: str, keys: torch.Tensor, queries: torch.Tensor | None, runti
               budget: int) -> float:
     """Time to build `name`'s index, with the runtime's index options, over one layer's retrievable keys
     (what the first decode step adds per layer)."""
-    from ..index import get_index
+    from ..index import BuildContext, get_index
 
     probe = IceRuntime(index=name, budget=budget, **runtime_options)
     b = probe.budget
     index = get_index(name, head_dim=keys.shape[-1], page_size=b.page_size, **probe.index_options)
     start = time.perf_counter()
-    index.build(keys[:, b.sink: keys.shape[1] - b.window], queries)
+    index.build(keys[:, b.sink: keys.shape[1] - b.window], BuildContext(queries))
     return (time.perf_counter() - start) * 1e3
 
 

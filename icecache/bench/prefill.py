@@ -63,6 +63,7 @@ def _measure(model_name: str, method: str, context: int, chunk: int, index: str,
             "model_loaded_rss_gib": loaded_rss, "kv_mib": device_mib, "full_kv_mib": full_mib}
 
 
+# index "tree" is DEFAULT_INDEX spelled out: importing the indexes here would add to the RSS measured in children
 def run_prefill(model_name: str, contexts=(8192, 16384, 32000), methods=METHODS, chunk: int = 2048,
                 index: str = "tree", budget: int = 256, max_unchunked: int = 16384, progress=print) -> dict:
     """Measure every (method, context) in its own process; returns a JSON-ready dict."""

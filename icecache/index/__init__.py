@@ -4,10 +4,23 @@ new strategy is one new file: `@register_index("name")` on its class makes it av
 import importlib
 import pkgutil
 
-from .base import TokenIndex, available_indexes, get_index, index_class, register_index
+from .base import (
+    BuildContext,
+    IndexOptions,
+    SearchContext,
+    TokenIndex,
+    available_indexes,
+    get_index,
+    index_class,
+    register_index,
+)
+
+#: the index `IceRuntime`, the demo, the CLI and the vLLM plugin use unless told otherwise: IceCache's tree
+DEFAULT_INDEX = "tree"
 
 for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["TokenIndex", "available_indexes", "get_index", "index_class", "register_index"]
+__all__ = ["DEFAULT_INDEX", "BuildContext", "IndexOptions", "SearchContext", "TokenIndex", "available_indexes",
+           "get_index", "index_class", "register_index"]

@@ -7,19 +7,33 @@ turns its page ids into transfers.
 
 Token positions inside an index are local: the first token given to `build` is position 0, and `insert`
 continues the numbering. Shapes follow one convention throughout: `[kv_heads, tokens, head_dim]`.
+
+The hooks a strategy implements have one fixed signature each (after faiss' `Index`: a small required
+core, per-call inputs in one object):
+
+    _build(keys, context: BuildContext)                  lay out the first tokens
+    _insert(keys, start: int) -> changed page ids        add tokens at local positions start, start + 1, ...
+    _search(queries, max_pages, context: SearchContext)  best pages, best first
+
+and its options are one frozen dataclass (`Options`, a subclass of `IndexOptions`), checked once in its
+`__post_init__` (after kvpress' presses): two indexes with equal options build equal layouts.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Callable, ClassVar, TypeVar
+from dataclasses import dataclass, fields, replace
+from typing import Any, Callable, ClassVar, TypeVar
 
 import numpy as np
 import torch
 
 __all__ = [
     "TokenIndex",
+    "IndexOptions",
+    "BuildContext",
+    "SearchContext",
     "register_index",
     "get_index",
     "available_indexes",
@@ -73,29 +87,126 @@ def check_queries(queries: torch.Tensor, head_dim: int, kv_heads: int) -> None:
         raise ValueError("queries must hold at least one query head per kv head, got group size 0")
 
 
+# -- options and per-call contexts ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    """An index strategy's options: a frozen dataclass whose fields are the keyword options of
+    `get_index(name, ...)` and `IceRuntime(index_options=...)`, checked once, in `__post_init__`.
+
+    A strategy subclasses it with its fields and defaults and overrides `check` (raising `ValueError` that
+    names the option and the accepted values); the helpers below cover the usual kinds. Options are
+    hashable and compare by value: two indexes with equal options lay out the same tokens identically.
+    """
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise a `ValueError` naming the first bad option and the values it accepts."""
+
+    # helpers for `check`
+    def require_int(self, name: str, minimum: int, allow_none: bool = False) -> None:
+        value = getattr(self, name)
+        if value is None and allow_none:
+            return
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            extra = " or None (automatic)" if allow_none else ""
+            raise ValueError(f"{name} must be an int >= {minimum}{extra}, got {value!r}")
+
+    def require_float(self, name: str, low: float, high: float = math.inf) -> None:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            where = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+            raise ValueError(f"{name} must be a number {where}, got {value!r}")
+
+    def require_choice(self, name: str, choices: tuple) -> None:
+        value = getattr(self, name)
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """The option names, in declaration order."""
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def create(cls, index_name: str, options: dict[str, Any]) -> "IndexOptions":
+        """`cls(**options)`, with an unknown option named in a `ValueError` listing the accepted ones."""
+        unknown = sorted(set(options) - set(cls.names()))
+        if unknown:
+            accepted = cls.names() or "none"
+            raise ValueError(f"unknown option(s) {unknown} for index {index_name!r}; accepted options: {accepted}")
+        return cls(**options)
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What an index build may use besides the keys.
+
+    Attributes:
+        queries: `[kv_heads, m, head_dim]`, the prefill's newest queries of each KV head's group (every query
+            head of the group, m = group x positions), or None; for indexes that learn their layout from
+            what the prompt attends to.
+        scale: the model's softmax scale (`logits = scale * q . k`); None means `1 / sqrt(head_dim)`. The
+            hooks always see a number.
+    """
+
+    queries: torch.Tensor | None = None
+    scale: float | None = None
+
+
+@dataclass(frozen=True)
+class SearchContext:
+    """What a search may use besides the queries and the page count.
+
+    Attributes:
+        resident_lse: `[kv_heads, group]` or None: each query head's log-sum-exp of its scaled logits over
+            the tokens it attends besides this index (the runtime's sink and window; `-inf` for none). The
+            runtime computes it only for indexes that declare `uses_resident_lse`: they rank pages by their
+            share of each head's *whole* attention, so a head that spends most of it on the sink weighs less.
+        scale: the model's softmax scale; None means `1 / sqrt(head_dim)`. The hooks always see a number.
+    """
+
+    resident_lse: torch.Tensor | None = None
+    scale: float | None = None
+
+
+def _check_scale(scale: object, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite float or None (1 / sqrt(head_dim)), got {scale!r}")
+    return float(scale)
+
+
 class TokenIndex(ABC):
     """Abstract retrieval structure over one layer's keys, one structure per KV head.
 
-    Subclasses implement `_build`, `_insert`, `_search` and `page_table`; the public methods validate
-    their input first, so a bad call raises before anything stored is touched.
+    Subclasses implement `_build`, `_insert`, `_search` and `page_table`, and declare their options as
+    `Options`; the public methods validate their input first, so a bad call raises before anything
+    stored is touched.
 
     Args:
         head_dim: size of each key vector.
         page_size: the most tokens one page holds.
+        **options: the strategy's options (fields of its `Options`); available as `self.options`.
     """
 
     #: registry name, set by `@register_index("name")`
     name: ClassVar[str] = ""
-    #: True when `_build` takes the prefill queries as a second argument
-    uses_build_queries: ClassVar[bool] = False
-    #: True when `_search` takes `resident_lse` (indexes that rank pages by attention mass)
+    #: the strategy's options (a frozen `IndexOptions` dataclass; no fields: no options)
+    Options: ClassVar[type[IndexOptions]] = IndexOptions
+    #: capability: `_search` reads `context.resident_lse`, which the runtime then computes for it
     uses_resident_lse: ClassVar[bool] = False
 
-    def __init__(self, head_dim: int, page_size: int = 16) -> None:
+    def __init__(self, head_dim: int, page_size: int = 16, **options: Any) -> None:
         if not isinstance(head_dim, int) or head_dim < 1:
             raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
         if not isinstance(page_size, int) or page_size < 1:
             raise ValueError(f"page_size must be a positive int, got {page_size!r}")
+        self.options = self.Options.create(self.name or type(self).__name__, options)
         self.head_dim = head_dim
         self.page_size = page_size
         self.kv_heads: int | None = None
@@ -103,64 +214,69 @@ class TokenIndex(ABC):
 
     # -- public API -------------------------------------------------------------------------------
 
-    def build(self, keys: torch.Tensor, queries: torch.Tensor | None = None) -> None:
-        """Lay out `keys` `[kv_heads, n_tokens, head_dim]` into pages (n_tokens may be 0).
-
-        `queries` `[kv_heads, m, head_dim]` (optional): recent prefill queries of each KV head's group,
-        for indexes that learn their layout from them; others ignore it.
-        """
+    def build(self, keys: torch.Tensor, context: BuildContext | None = None) -> None:
+        """Lay out `keys` `[kv_heads, n_tokens, head_dim]` into pages (n_tokens may be 0), at local
+        positions 0 .. n_tokens - 1; `context` (optional) carries the prefill queries and the model's scale."""
         check_keys(keys, "keys", self.head_dim)
-        if queries is not None:
-            check_keys(queries, "queries", self.head_dim, keys.shape[0])
+        context = BuildContext() if context is None else context
+        if not isinstance(context, BuildContext):
+            raise TypeError(f"context must be a BuildContext or None, got {type(context).__name__}")
+        if context.queries is not None:
+            check_keys(context.queries, "context.queries", self.head_dim, keys.shape[0])
+        context = replace(context, scale=_check_scale(context.scale, self.head_dim))
         self.kv_heads = keys.shape[0]
         self.num_tokens = keys.shape[1]
-        if self.uses_build_queries:
-            self._build(keys, queries)
-        else:
-            self._build(keys)
+        self._build(keys, context)
 
-    def insert(self, keys: torch.Tensor) -> torch.Tensor:
-        """Add new tokens `[kv_heads, m, head_dim]` at positions `num_tokens .. num_tokens + m - 1`.
+    def insert(self, keys: torch.Tensor, start: int | None = None) -> torch.Tensor:
+        """Add new tokens `[kv_heads, m, head_dim]` at local positions `start .. start + m - 1`; `start`
+        must be `num_tokens` (the default): positions are never skipped or rewritten.
 
         Returns the sorted ids of every page whose contents changed (new pages included), over all heads,
         so that the runtime can refresh copies it holds of them.
         """
         self._require_built()
         check_keys(keys, "keys", self.head_dim, self.kv_heads)
+        if start is None:
+            start = self.num_tokens
+        elif start != self.num_tokens:
+            raise ValueError(f"start must be num_tokens ({self.num_tokens}): the next free position, got {start!r}")
         if keys.shape[1] == 0:
             return torch.empty(0, dtype=torch.long)
-        changed = self._insert(keys)
+        changed = self._insert(keys, start)
         self.num_tokens += keys.shape[1]
         return changed
 
-    def search(self, queries: torch.Tensor, max_pages: int, resident_lse: torch.Tensor | None = None) -> torch.Tensor:
-        """Best pages for decode `queries` `[kv_heads, group, head_dim]`.
-
-        `resident_lse` (optional, `[kv_heads, group]`): for each query head, the log-sum-exp of its scaled
-        logits over the tokens it attends besides this index (the runtime's sink and window; `-inf` for
-        none). Indexes that rank pages by attention mass (`uses_resident_lse`) use it to normalise each
-        query head's softmax over everything it attends, so a head that spends most of its attention on
-        the sink weighs less in the page choice; the others ignore it.
+    def search(self, queries: torch.Tensor, max_pages: int, context: SearchContext | None = None) -> torch.Tensor:
+        """Best pages for decode `queries` `[kv_heads, group, head_dim]`; `context` (optional) carries the
+        resident log-sum-exp and the model's scale (`SearchContext`).
 
         Returns a LongTensor `[kv_heads, max_pages]` of page ids, best first, `-1` where fewer are returned.
         """
         self._require_built()
         check_queries(queries, self.head_dim, self.kv_heads)
-        if not isinstance(max_pages, int) or max_pages < 0:
+        if not isinstance(max_pages, int) or isinstance(max_pages, bool) or max_pages < 0:
             raise ValueError(f"max_pages must be a non-negative int, got {max_pages!r}")
-        if resident_lse is not None:
+        context = SearchContext() if context is None else context
+        if not isinstance(context, SearchContext):
+            raise TypeError(f"context must be a SearchContext or None, got {type(context).__name__}")
+        lse = context.resident_lse
+        if lse is not None:
             expected = tuple(queries.shape[:2])
-            if not isinstance(resident_lse, torch.Tensor) or tuple(resident_lse.shape) != expected:
-                got = tuple(resident_lse.shape) if isinstance(resident_lse, torch.Tensor) else type(resident_lse).__name__
-                raise ValueError(f"resident_lse must be a tensor of shape [kv_heads, group] = {expected}, got {got}")
-            if not resident_lse.is_floating_point() or not _all_below_inf(resident_lse):
-                raise ValueError("resident_lse must be a float tensor without NaN or +inf (-inf means no resident tokens)")
+            if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != expected:
+                got = tuple(lse.shape) if isinstance(lse, torch.Tensor) else type(lse).__name__
+                raise ValueError(f"context.resident_lse must be a tensor of shape [kv_heads, group] = {expected}, got {got}")
+            if not lse.is_floating_point() or not _all_below_inf(lse):
+                raise ValueError("context.resident_lse must be a float tensor without NaN or +inf (-inf means no resident tokens)")
+        context = replace(context, scale=_check_scale(context.scale, self.head_dim))
+        return self._search_unchecked(queries, max_pages, context)
+
+    def _search_unchecked(self, queries: torch.Tensor, max_pages: int, context: SearchContext) -> torch.Tensor:
+        """`search` without the input checks, for the runtime: it passes the model's own queries and a
+        concrete scale at every layer and step, and checks its inputs once at its own boundary."""
         if max_pages == 0 or self.num_pages == 0:
             return torch.full((self.kv_heads, max_pages), -1, dtype=torch.long, device=queries.device)
-        if self.uses_resident_lse:
-            pages = self._search(queries, max_pages, resident_lse)
-        else:
-            pages = self._search(queries, max_pages)
+        pages = self._search(queries, max_pages, context)
         if pages.shape[1] < max_pages:  # fewer pages than asked: pad
             pad = torch.full((self.kv_heads, max_pages - pages.shape[1]), -1, dtype=torch.long, device=pages.device)
             pages = torch.cat([pages, pad], dim=1)
@@ -189,37 +305,30 @@ class TokenIndex(ABC):
             return 1.0
         return self.num_tokens / (self.num_pages * self.page_size)
 
-    # -- for subclasses ---------------------------------------------------------------------------
+    # -- the hooks a strategy implements ----------------------------------------------------------
 
     @abstractmethod
-    def _build(self, keys: torch.Tensor, *queries: torch.Tensor | None) -> None: ...
+    def _build(self, keys: torch.Tensor, context: BuildContext) -> None:
+        """Lay out `keys` `[kv_heads, n, head_dim]` (n may be 0) at local positions 0 .. n - 1."""
 
     @abstractmethod
-    def _insert(self, keys: torch.Tensor) -> torch.Tensor: ...
+    def _insert(self, keys: torch.Tensor, start: int) -> torch.Tensor:
+        """Add `keys` `[kv_heads, m, head_dim]` (m >= 1) at local positions `start ..`; return the sorted ids
+        of every page whose contents changed, new pages included."""
 
     @abstractmethod
-    def _search(self, queries: torch.Tensor, max_pages: int) -> torch.Tensor: ...
+    def _search(self, queries: torch.Tensor, max_pages: int, context: SearchContext) -> torch.Tensor:
+        """`[kv_heads, <= max_pages]` page ids for `queries` `[kv_heads, group, head_dim]`, best first, no
+        page twice (the base class pads to `max_pages` with -1)."""
 
     def _require_built(self) -> None:
         if self.kv_heads is None:
             raise RuntimeError(f"{type(self).__name__}.build() must be called before insert() or search()")
 
-    @property
-    def scale(self) -> float:
-        """Softmax scale of the attention this index serves: the model's own (the runtime sets it, e.g.
-        Gemma 3's `query_pre_attn_scalar ** -0.5`), `1 / sqrt(head_dim)` until set."""
-        return getattr(self, "_scale", None) or 1.0 / math.sqrt(self.head_dim)
-
-    @scale.setter
-    def scale(self, value: float) -> None:
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"scale must be a positive finite float, got {value!r}")
-        self._scale = float(value)
-
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(name={self.name!r}, head_dim={self.head_dim}, page_size={self.page_size}, "
-            f"kv_heads={self.kv_heads}, tokens={self.num_tokens})"
+            f"kv_heads={self.kv_heads}, tokens={self.num_tokens}, options={self.options})"
         )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import register_index
+from .base import SearchContext, register_index
 from .token_order import TokenOrderIndex
 
 
@@ -20,17 +20,18 @@ class ExactIndex(TokenOrderIndex):
 
     uses_resident_lse = True
 
-    def token_scores(self, queries: torch.Tensor, resident_lse: torch.Tensor | None = None) -> torch.Tensor:
+    def token_scores(self, queries: torch.Tensor, context: SearchContext) -> torch.Tensor:
         """Attention probability of every stored token, summed over each group: `[kv_heads, n]`; with
-        `resident_lse` `[kv_heads, group]` each head's softmax also counts the resident tokens."""
-        logits = torch.einsum("hgd,hnd->hgn", queries.float(), self.keys.view) * self.scale
+        `context.resident_lse` `[kv_heads, group]` each head's softmax also counts the resident tokens."""
+        resident_lse = context.resident_lse
+        logits = torch.einsum("hgd,hnd->hgn", queries.float(), self.keys.view) * context.scale
         lse = torch.logsumexp(logits, dim=-1)
         if resident_lse is not None:
             lse = torch.logaddexp(lse, resident_lse.to(lse))
         return torch.exp(logits - lse.unsqueeze(-1)).sum(1)
 
-    def _search(self, queries: torch.Tensor, max_pages: int, resident_lse: torch.Tensor | None = None) -> torch.Tensor:
-        mass = self.page_token_mass(self.token_scores(queries, resident_lse))
+    def _search(self, queries: torch.Tensor, max_pages: int, context: SearchContext) -> torch.Tensor:
+        mass = self.page_token_mass(self.token_scores(queries, context))
         k = min(max_pages, mass.shape[1])
         return torch.topk(mass, k, dim=1).indices
 

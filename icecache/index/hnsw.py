@@ -9,20 +9,31 @@ them), so this index measures how well a token-level ANN search transfers to pag
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .base import register_index
+from .base import BuildContext, IndexOptions, SearchContext, register_index
 from .token_order import TokenOrderIndex
 
 SPACES = ("augmented", "ip")
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+@dataclass(frozen=True)
+class HnswOptions(IndexOptions):
+    """Options of `hnsw` (see `HnswIndex`)."""
+
+    space: str = "augmented"
+    M: int = 16
+    ef_construction: int = 100
+    ef: int = 64
+
+    def check(self) -> None:
+        self.require_choice("space", SPACES)
+        self.require_int("M", 2)
+        self.require_int("ef_construction", 1)
+        self.require_int("ef", 1)
 
 
 @register_index("hnsw")
@@ -55,44 +66,38 @@ class HnswIndex(TokenOrderIndex):
     buys when the pages themselves stay in token order.
     """
 
+    Options = HnswOptions
     norm_headroom = 1.2
 
-    def __init__(self, head_dim: int, page_size: int = 16, space: str = "augmented", M: int = 16,
-                 ef_construction: int = 100, ef: int = 64) -> None:
-        super().__init__(head_dim, page_size)
-        if space not in SPACES:
-            raise ValueError(f"space must be one of {list(SPACES)}, got {space!r}")
-        self.space = space
-        self.M = _check_int("M", M, 2)
-        self.ef_construction = _check_int("ef_construction", ef_construction, 1)
-        self.ef = _check_int("ef", ef, 1)
+    def __init__(self, head_dim: int, page_size: int = 16, **options) -> None:
+        super().__init__(head_dim, page_size, **options)
         self._last_group = 1
         self._last_k = 0
 
     # -- graph maintenance -------------------------------------------------------------------------
 
-    def _build(self, keys: torch.Tensor) -> None:
+    def _build(self, keys: torch.Tensor, context: BuildContext) -> None:
         import hnswlib  # noqa: F401  (fail at build, with a clear ImportError, when hnswlib is missing)
 
         self._graphs: list = [None] * keys.shape[0]
         self._radius = [0.0] * keys.shape[0]
-        super()._build(keys)
+        super()._build(keys, context)
 
     def _new_graph(self, capacity: int):
         import hnswlib
 
-        dim = self.head_dim + (1 if self.space == "augmented" else 0)
-        graph = hnswlib.Index(space="l2" if self.space == "augmented" else "ip", dim=dim)
-        graph.init_index(max_elements=max(64, capacity), M=self.M, ef_construction=self.ef_construction,
+        dim = self.head_dim + (1 if self.options.space == "augmented" else 0)
+        graph = hnswlib.Index(space="l2" if self.options.space == "augmented" else "ip", dim=dim)
+        graph.init_index(max_elements=max(64, capacity), M=self.options.M, ef_construction=self.options.ef_construction,
                          random_seed=100)
-        graph.set_ef(self.ef)
+        graph.set_ef(self.options.ef)
         graph.set_num_threads(1)
         return graph
 
     def _vectors(self, head: int, keys: torch.Tensor) -> np.ndarray:
         """Keys `[m, head_dim]` of one head as the float32 rows the graph stores."""
         k = keys.detach().float().cpu()
-        if self.space == "augmented":
+        if self.options.space == "augmented":
             extra = (self._radius[head] ** 2 - (k * k).sum(1, keepdim=True)).clamp_(min=0).sqrt_()
             k = torch.cat([k, extra], dim=1)
         return np.ascontiguousarray(k.numpy(), dtype=np.float32)
@@ -108,11 +113,11 @@ class HnswIndex(TokenOrderIndex):
         if end <= start:
             return
         new = self.keys.view[:, start:end]
-        new_max = new.norm(dim=2).amax(1).tolist() if self.space == "augmented" else [0.0] * self.kv_heads
+        new_max = new.norm(dim=2).amax(1).tolist() if self.options.space == "augmented" else [0.0] * self.kv_heads
         for h in range(self.kv_heads):
             if self._graphs[h] is None or new_max[h] > self._radius[h]:
                 # first tokens of this head, or (augmented) a key outside the radius: (re)build the graph
-                if self.space == "augmented":
+                if self.options.space == "augmented":
                     self._radius[h] = self.norm_headroom * new_max[h]  # > every stored norm
                 self._graphs[h] = self._new_graph(2 * end)
                 self._add(h, 0, end)
@@ -125,7 +130,7 @@ class HnswIndex(TokenOrderIndex):
         """Labels `[group, <=k]` of the best tokens of one head for every query head (k clamped to count)."""
         graph = self._graphs[head]
         q = queries.detach().float().cpu()
-        if self.space == "augmented":
+        if self.options.space == "augmented":
             q = torch.cat([q, q.new_zeros(q.shape[0], 1)], dim=1)
         q = np.ascontiguousarray(q.numpy(), dtype=np.float32)
         k = min(k, graph.get_current_count())
@@ -137,7 +142,7 @@ class HnswIndex(TokenOrderIndex):
                 k //= 2
         return np.empty((q.shape[0], 0), dtype=np.int64)
 
-    def _search(self, queries: torch.Tensor, max_pages: int) -> torch.Tensor:
+    def _search(self, queries: torch.Tensor, max_pages: int, context: SearchContext) -> torch.Tensor:
         n_pages, ps = self.num_pages, self.page_size
         keep = min(max_pages, n_pages)
         k = min(max_pages * ps, self.num_tokens)
@@ -168,6 +173,6 @@ class HnswIndex(TokenOrderIndex):
         """
         if self.kv_heads is None:
             return 0
-        dim = self.head_dim + (1 if self.space == "augmented" else 0)
-        evaluations = min(max(self.ef, self._last_k) * 2 * self.M, self.num_tokens)
+        dim = self.head_dim + (1 if self.options.space == "augmented" else 0)
+        evaluations = min(max(self.options.ef, self._last_k) * 2 * self.options.M, self.num_tokens)
         return self.kv_heads * self._last_group * evaluations * (dim * 4 + 4)

@@ -9,11 +9,12 @@ scores the keys of the best lists exactly and returns the pages holding the best
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from ._clustering import kmeans_centroids
-from .base import TokenIndex, register_index
+from .base import BuildContext, IndexOptions, SearchContext, TokenIndex, register_index
 from .token_order import GrowingBuffer
 
 #: automatic `nlist`: about this many tokens per list, capped at `MAX_AUTO_NLIST` lists
@@ -21,13 +22,18 @@ TOKENS_PER_LIST = 64
 MAX_AUTO_NLIST = 1024
 
 
-def _check_int(name: str, value: object, minimum: int, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        extra = " or None (automatic)" if allow_none else ""
-        raise ValueError(f"{name} must be an int >= {minimum}{extra}, got {value!r}")
-    return value
+@dataclass(frozen=True)
+class IvfOptions(IndexOptions):
+    """Options of `ivf` (see `IvfIndex`)."""
+
+    nlist: int | None = None
+    nprobe: int = 8
+    niter: int = 20
+
+    def check(self) -> None:
+        self.require_int("nlist", 1, allow_none=True)
+        self.require_int("nprobe", 1)
+        self.require_int("niter", 1)
 
 
 @register_index("ivf")
@@ -60,17 +66,15 @@ class IvfIndex(TokenIndex):
     if attention concentrates on a region of key space, its tokens share few pages.
     """
 
-    def __init__(self, head_dim: int, page_size: int = 16, nlist: int | None = None, nprobe: int = 8,
-                 niter: int = 20) -> None:
-        super().__init__(head_dim, page_size)
-        self.nlist = _check_int("nlist", nlist, 1, allow_none=True)
-        self.nprobe = _check_int("nprobe", nprobe, 1)
-        self.niter = _check_int("niter", niter, 1)
+    Options = IvfOptions
+
+    def __init__(self, head_dim: int, page_size: int = 16, **options) -> None:
+        super().__init__(head_dim, page_size, **options)
         self._last_candidates: int | None = None
 
     # -- layout ----------------------------------------------------------------------------------------
 
-    def _build(self, keys: torch.Tensor) -> None:
+    def _build(self, keys: torch.Tensor, context: BuildContext) -> None:
         h, n, d = keys.shape
         dev = keys.device
         self.keys = GrowingBuffer(keys.float())
@@ -87,9 +91,9 @@ class IvfIndex(TokenIndex):
     def _train(self, keys: torch.Tensor) -> None:
         """Create the lists from `keys` `[kv_heads, n, d]` (n >= 1): centroids, empty tails, empty sums."""
         h, n, d = keys.shape
-        nlist = self.nlist if self.nlist is not None else max(1, min(n // TOKENS_PER_LIST, MAX_AUTO_NLIST))
+        nlist = self.options.nlist if self.options.nlist is not None else max(1, min(n // TOKENS_PER_LIST, MAX_AUTO_NLIST))
         self._lists = min(nlist, n)
-        self._centroids = torch.stack([kmeans_centroids(keys[i], self._lists, self.niter, seed=1234 + i) for i in range(h)])
+        self._centroids = torch.stack([kmeans_centroids(keys[i], self._lists, self.options.niter, seed=1234 + i) for i in range(h)])
         self._sums = torch.zeros_like(self._centroids)
         self._counts = torch.zeros((h, self._lists), dtype=torch.long, device=keys.device)
         self._tail = torch.full((h, self._lists), -1, dtype=torch.long, device=keys.device)  # last page of list
@@ -155,8 +159,7 @@ class IvfIndex(TokenIndex):
                                       self._centroids)
         return torch.unique(torch.cat(changed)).cpu()
 
-    def _insert(self, keys: torch.Tensor) -> torch.Tensor:
-        start = self.num_tokens
+    def _insert(self, keys: torch.Tensor, start: int) -> torch.Tensor:
         self.keys.append(keys.float().to(self.keys.view.device))
         end = start + keys.shape[1]
         if self._lists == 0:  # built with no tokens: the first tokens train the lists
@@ -173,7 +176,7 @@ class IvfIndex(TokenIndex):
 
     # -- search ------------------------------------------------------------------------------------------
 
-    def _search(self, queries: torch.Tensor, max_pages: int) -> torch.Tensor:
+    def _search(self, queries: torch.Tensor, max_pages: int, context: SearchContext) -> torch.Tensor:
         h, P, L, ps = self.kv_heads, self._pages, self._lists, self.page_size
         keys = self.keys.view
         dev = keys.device
@@ -186,7 +189,7 @@ class IvfIndex(TokenIndex):
         list_order = torch.sort(cscore, dim=1, descending=True, stable=True).indices
         list_rank = torch.empty_like(list_order).scatter_(1, list_order, arange_l)
         cum = torch.cumsum(self._list_pages.gather(1, list_order), 1)  # pages of the best r lists
-        probe = torch.maximum((cum < max_pages).sum(1) + 1, torch.tensor(self.nprobe, device=dev)).clamp(max=L)
+        probe = torch.maximum((cum < max_pages).sum(1) + 1, torch.tensor(self.options.nprobe, device=dev)).clamp(max=L)
         candidates = cum.gather(1, (probe - 1).unsqueeze(1)).squeeze(1)  # pages of the probed lists, per head
 
         # every page by list rank (padding pages last): the first `candidates` pages are the probed ones
@@ -214,5 +217,5 @@ class IvfIndex(TokenIndex):
             return 0
         tokens = self._last_candidates
         if tokens is None:
-            tokens = self.kv_heads * min(self.nprobe, self._lists) * self.num_tokens // self._lists
+            tokens = self.kv_heads * min(self.options.nprobe, self._lists) * self.num_tokens // self._lists
         return self.kv_heads * self._lists * self.head_dim * 4 + tokens * (self.head_dim * 4 + 8)

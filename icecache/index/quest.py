@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import register_index
+from .base import BuildContext, SearchContext, register_index
 from .token_order import GrowingBuffer, TokenOrderIndex
 
 
@@ -26,11 +26,11 @@ class QuestIndex(TokenOrderIndex):
     its true best key) and costs two vectors per page, which makes it the standard query-aware baseline.
     """
 
-    def _build(self, keys: torch.Tensor) -> None:
+    def _build(self, keys: torch.Tensor, context: BuildContext) -> None:
         empty = keys.new_empty((keys.shape[0], 0, keys.shape[2]), dtype=torch.float32)
         self._min = GrowingBuffer(empty)
         self._max = GrowingBuffer(empty)
-        super()._build(keys)
+        super()._build(keys, context)
 
     def _on_append(self, start: int, end: int) -> None:
         super()._on_append(start, end)
@@ -60,7 +60,7 @@ class QuestIndex(TokenOrderIndex):
         return (torch.einsum("hgd,hpd->hgp", q.clamp(min=0), self._max.view)
                 + torch.einsum("hgd,hpd->hgp", q.clamp(max=0), self._min.view))
 
-    def _search(self, queries: torch.Tensor, max_pages: int) -> torch.Tensor:
+    def _search(self, queries: torch.Tensor, max_pages: int, context: SearchContext) -> torch.Tensor:
         scores = self.page_bounds(queries).amax(1)  # [kv_heads, n_pages]
         k = min(max_pages, scores.shape[1])
         return torch.topk(scores, k, dim=1).indices.to(queries.device)

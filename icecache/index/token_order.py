@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import TokenIndex
+from .base import BuildContext, TokenIndex
 
 
 class GrowingBuffer:
@@ -42,13 +42,12 @@ class TokenOrderIndex(TokenIndex):
 
     stores_keys: ClassVar[bool] = True
 
-    def _build(self, keys: torch.Tensor) -> None:
+    def _build(self, keys: torch.Tensor, context: BuildContext) -> None:
         self.keys = GrowingBuffer(keys.float()) if self.stores_keys else None
         self._table: torch.Tensor | None = None
         self._on_append(0, keys.shape[1])
 
-    def _insert(self, keys: torch.Tensor) -> torch.Tensor:
-        start = self.num_tokens
+    def _insert(self, keys: torch.Tensor, start: int) -> torch.Tensor:
         if self.keys is not None:
             self.keys.append(keys.float())
         self._table = None

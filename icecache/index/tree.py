@@ -43,13 +43,15 @@ search cost 0.7 ms per layer at 8k, almost all per-op overhead; compiled it cost
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from ._clustering import balanced_kmeans_groups
 from ._tree_kernels import balanced_order, insert_tokens, search_pages, search_pages_descent
 from ._tree_nodes import build_nodes
-from .base import TokenIndex, register_index
+from .base import BuildContext, IndexOptions, SearchContext, TokenIndex, register_index
 
 
 def _bits(values: torch.Tensor) -> np.ndarray:
@@ -81,6 +83,42 @@ def tree_pages(points: torch.Tensor, page_size: int, branching: int = 2, depth: 
         return balanced_pages(points, page_size)
     groups = balanced_kmeans_groups(points, page_size, branching, seed=seed)
     return torch.cat([g[tree_pages(points[g], page_size, branching, depth - 1, seed + 1)] for g in groups])
+
+
+@dataclass(frozen=True)
+class TreeOptions(IndexOptions):
+    """Options of `tree`; each is documented on `TreeIndex`."""
+
+    hot_pages: int = 8
+    hot_tiers: int = 3
+    hot_growth: int = 3
+    max_hot_share: float = 0.4
+    candidate_factor: int = 4
+    min_candidates: int = 64
+    norm_headroom: float = 1.2
+    branching: int = 2
+    depth: int = 0
+    search: str = "scan"
+    rescore_hot_tier: bool = True
+    bound_candidates: int = 16
+    span_pages: int = 4
+    hot_layout: str = "profile"
+
+    def check(self) -> None:
+        self.require_int("hot_pages", 0)
+        self.require_int("hot_tiers", 1)
+        self.require_int("hot_growth", 1)
+        self.require_float("max_hot_share", 0.0, 1.0)
+        self.require_int("candidate_factor", 1)
+        self.require_int("min_candidates", 1)
+        self.require_float("norm_headroom", 1.0)
+        self.require_int("branching", 2)
+        self.require_int("depth", 0)
+        self.require_choice("search", ("scan", "descent"))
+        self.require_choice("rescore_hot_tier", (True, False))
+        self.require_int("bound_candidates", 0)
+        self.require_int("span_pages", 0)
+        self.require_choice("hot_layout", ("profile", "spans"))
 
 
 @register_index("tree")
@@ -132,59 +170,17 @@ class TreeIndex(TokenIndex):
             descent costs 2.5x the scan (benchmarks/RESULTS.md).
     """
 
-    uses_build_queries = True
+    Options = TreeOptions
     uses_resident_lse = True
     _pinned = 0  # pages 0 .. _pinned - 1 (span pages, the first hot tier) are always rescored
 
-    def __init__(self, head_dim: int, page_size: int = 16, hot_pages: int = 8, candidate_factor: int = 4,
-                 norm_headroom: float = 1.2, min_candidates: int = 64, hot_tiers: int = 3, hot_growth: int = 3,
-                 max_hot_share: float = 0.4, branching: int = 2, depth: int = 0, search: str = "scan",
-                 rescore_hot_tier: bool = True, hot_layout: str = "profile", span_pages: int = 4,
-                 bound_candidates: int = 16) -> None:
-        super().__init__(head_dim, page_size)
-        if hot_layout not in ("profile", "spans"):
-            raise ValueError(f"hot_layout must be 'profile' or 'spans', got {hot_layout!r}")
-        if not isinstance(span_pages, int) or isinstance(span_pages, bool) or span_pages < 0:
-            raise ValueError(f"span_pages must be a non-negative int, got {span_pages!r}")
-        self.hot_layout, self.span_pages = hot_layout, span_pages
-        if not isinstance(bound_candidates, int) or isinstance(bound_candidates, bool) or bound_candidates < 0:
-            raise ValueError(f"bound_candidates must be a non-negative int, got {bound_candidates!r}")
-        self.bound_candidates = bound_candidates
-        if not isinstance(rescore_hot_tier, bool):
-            raise ValueError(f"rescore_hot_tier must be True or False, got {rescore_hot_tier!r}")
-        self.rescore_hot_tier = rescore_hot_tier
-        if search not in ("scan", "descent"):
-            raise ValueError(f"search must be 'scan' or 'descent', got {search!r}")
-        self.search_mode = search
-        if not isinstance(branching, int) or isinstance(branching, bool) or branching < 2:
-            raise ValueError(f"branching must be an int >= 2, got {branching!r}")
-        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
-            raise ValueError(f"depth must be an int >= 0, got {depth!r}")
-        self.branching, self.depth = branching, depth
-        if not isinstance(hot_pages, int) or hot_pages < 0:
-            raise ValueError(f"hot_pages must be a non-negative int, got {hot_pages!r}")
-        if not isinstance(hot_tiers, int) or hot_tiers < 1:
-            raise ValueError(f"hot_tiers must be an int >= 1, got {hot_tiers!r}")
-        if not isinstance(hot_growth, int) or hot_growth < 1:
-            raise ValueError(f"hot_growth must be an int >= 1, got {hot_growth!r}")
-        if not 0.0 <= max_hot_share <= 1.0:
-            raise ValueError(f"max_hot_share must be in [0, 1], got {max_hot_share!r}")
-        self.hot_tiers, self.hot_growth, self.max_hot_share = hot_tiers, hot_growth, max_hot_share
-        if not isinstance(candidate_factor, int) or candidate_factor < 1:
-            raise ValueError(f"candidate_factor must be an int >= 1, got {candidate_factor!r}")
-        if not norm_headroom >= 1.0:
-            raise ValueError(f"norm_headroom must be >= 1.0, got {norm_headroom!r}")
-        if not isinstance(min_candidates, int) or min_candidates < 1:
-            raise ValueError(f"min_candidates must be an int >= 1, got {min_candidates!r}")
-        self.hot_pages, self.candidate_factor, self.norm_headroom = hot_pages, candidate_factor, norm_headroom
-        self.min_candidates = min_candidates
-
     # -- build -----------------------------------------------------------------------------------
 
-    def _build(self, keys: torch.Tensor, queries: torch.Tensor | None) -> None:
+    def _build(self, keys: torch.Tensor, context: BuildContext) -> None:
+        queries = context.queries
         kv_heads, n, d = keys.shape
         keys = keys.detach().float().cpu()  # the tree's bookkeeping lives on the host
-        self.max_norm = float(keys.norm(dim=-1).max()) * self.norm_headroom if n else 1.0
+        self.max_norm = float(keys.norm(dim=-1).max()) * self.options.norm_headroom if n else 1.0
         aug = torch.from_numpy(augment(keys.numpy(), self.max_norm))
         # headroom for the pages decode-time splits open: growing copies every per-page array at once
         cap = max(-(-n // self.page_size) * 5 // 4 + 8, 8)
@@ -201,14 +197,14 @@ class TreeIndex(TokenIndex):
         self._alloc_nodes(kv_heads, cap, d)
         spans, tiers = self._hot_layout(n // self.page_size) if queries is not None else (0, [])
         # always rescored: the span pages and the first profile tier (`hot_pages`), whose centroids say little
-        first_tier = tiers[0] if tiers and self.hot_layout == "profile" else 0
-        self._pinned = spans + first_tier if self.rescore_hot_tier else 0
+        first_tier = tiers[0] if tiers and self.options.hot_layout == "profile" else 0
+        self._pinned = spans + first_tier if self.options.rescore_hot_tier else 0
         for h in range(kv_heads):
             group_starts = []
-            for tokens, features in self._layout_groups(h, keys[h], aug[h], queries, spans, tiers):
+            for tokens, features in self._layout_groups(h, keys[h], aug[h], queries, context.scale, spans, tiers):
                 # features None: the group is already in its page order (token-order spans)
                 order = (torch.arange(tokens.numel()) if features is None else
-                         tree_pages(features, self.page_size, self.branching, self.depth, seed=h))
+                         tree_pages(features, self.page_size, self.options.branching, self.options.depth, seed=h))
                 group_starts.append(int(self._pages[h]))
                 self._append_pages(h, tokens[order], aug[h])
             build_nodes(h, np.array(group_starts, dtype=np.int64), int(self._pages[h]), self._fill.numpy(),
@@ -226,29 +222,29 @@ class TreeIndex(TokenIndex):
 
     def _hot_layout(self, pages: int) -> tuple[int, list[int]]:
         """Span pages, then pages of each hot tier, hottest first, within `max_hot_share` of `pages`."""
-        left = int(pages * self.max_hot_share)
-        wanted = self.span_pages + (self.hot_pages if self.hot_layout == "spans" else 0)
+        left = int(pages * self.options.max_hot_share)
+        wanted = self.options.span_pages + (self.options.hot_pages if self.options.hot_layout == "spans" else 0)
         spans = min(wanted, left)
-        tiers, left, size = [], left - spans, self.hot_pages
-        for i in range(self.hot_tiers):
+        tiers, left, size = [], left - spans, self.options.hot_pages
+        for i in range(self.options.hot_tiers):
             take = min(size, left)
             if take <= 0:
                 break
-            if not (i == 0 and self.hot_layout == "spans"):
+            if not (i == 0 and self.options.hot_layout == "spans"):
                 tiers.append(take)
                 left -= take
-            size *= self.hot_growth
+            size *= self.options.hot_growth
         return spans, tiers
 
     def _layout_groups(self, h: int, keys: torch.Tensor, aug: torch.Tensor, queries: torch.Tensor | None,
-                       spans: int, tiers: list[int]):
+                       scale: float, spans: int, tiers: list[int]):
         """`(tokens [t], features [t, f] or None)` groups of KV head `h`, each laid out from a fresh page:
         `spans` token-order pages around the hottest tokens (features None: already in page order), the
         hot tiers (`tiers`: pages each) by attention profile, then the rest by augmented key."""
         n = keys.shape[0]
         if not spans and not tiers:
             return [(torch.arange(n), aug)]
-        logits = queries[h].detach().float().cpu() @ keys.T * self.scale  # [m, n]
+        logits = queries[h].detach().float().cpu() @ keys.T * scale  # [m, n]
         probs = torch.softmax(logits, dim=-1)
         profile = probs.sqrt()  # sqrt: profiles compare by Hellinger distance
         order = torch.argsort(probs.sum(0), descending=True)  # hottest first
@@ -318,11 +314,11 @@ class TreeIndex(TokenIndex):
 
     # -- insert ----------------------------------------------------------------------------------
 
-    def _insert(self, keys: torch.Tensor) -> torch.Tensor:
+    def _insert(self, keys: torch.Tensor, start: int) -> torch.Tensor:
         new_keys = augment(keys.detach().float().cpu().numpy(), self.max_norm)
         self._ensure_capacity(self.num_pages + keys.shape[1])
         changed = np.zeros(self._fill.shape, dtype=np.bool_)
-        insert_tokens(new_keys, self.num_tokens, self._table.numpy(), self._fill.numpy(), self._sums.numpy(),
+        insert_tokens(new_keys, start, self._table.numpy(), self._fill.numpy(), self._sums.numpy(),
                       _bits(self._cent), self._page_keys.numpy(), self._pages, changed, self._nodes)
         return torch.from_numpy(np.flatnonzero(changed.any(0)))
 
@@ -341,7 +337,8 @@ class TreeIndex(TokenIndex):
         float32 (zeros for empty pages)."""
         return self._cent[:, :, : self.num_pages].transpose(1, 2).float()
 
-    def _search(self, queries: torch.Tensor, max_pages: int, resident_lse: torch.Tensor | None = None) -> torch.Tensor:
+    def _search(self, queries: torch.Tensor, max_pages: int, context: SearchContext) -> torch.Tensor:
+        resident_lse, scale = context.resident_lse, context.scale
         # 1) rank leaves by centroid score (max over the group's query heads); 2) rescore the tokens of the
         # best `n_cand` leaves exactly and keep the pages holding the most attention mass. One compiled
         # pass over all heads: as ~10 small torch ops the same search cost 0.7 ms at 8k, mostly per-op
@@ -349,21 +346,21 @@ class TreeIndex(TokenIndex):
         q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
         pages = self.num_pages
         # the first hot tier's pages are rescored on top of the centroid-ranked candidates
-        n_cand = min(pages, max(max_pages * self.candidate_factor, self.min_candidates) + self._pinned)
+        n_cand = min(pages, max(max_pages * self.options.candidate_factor, self.options.min_candidates) + self._pinned)
         # plus pages ranked by the bound on their best token (scan only)
-        n_bound = min(pages - n_cand, self.bound_candidates) if self.search_mode == "scan" else 0
+        n_bound = min(pages - n_cand, self.options.bound_candidates) if self.options.search == "scan" else 0
         n_cand += n_bound
         if resident_lse is None:
             lse = np.full(q.shape[:2], -np.inf, np.float32)
         else:
             lse = np.ascontiguousarray(resident_lse.detach().float().cpu().numpy())
-        if self.search_mode == "descent":
+        if self.options.search == "descent":
             best, self._last_scored = search_pages_descent(q, self._nodes, self._fill.numpy(),
                                                            self._page_keys.numpy(), pages, n_cand, max_pages,
-                                                           self.scale, lse, self._pinned)
+                                                           scale, lse, self._pinned)
         else:
             best = search_pages(q, _bits(self._cent), self._fill.numpy(), self._page_keys.numpy(), pages,
-                                n_cand, max_pages, self.scale, lse, self._pinned, self._nodes[4], self._nodes[8],
+                                n_cand, max_pages, scale, lse, self._pinned, self._nodes[4], self._nodes[8],
                                 n_bound)
             self._last_scored = self.kv_heads * pages
         self._last_rescored = n_cand * self.page_size
@@ -383,7 +380,7 @@ class TreeIndex(TokenIndex):
     def metadata_bytes_per_search(self) -> int:
         # the scored centroids (bfloat16 leaves for the scan, float32 nodes for the descent), plus the
         # candidate pages' keys rescored by the last search
-        if self.search_mode == "descent":
+        if self.options.search == "descent":
             scanned = self.nodes_scored * 4
         else:
             scanned = self.kv_heads * self.num_pages * 2

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import register_index
+from .base import SearchContext, register_index
 from .token_order import TokenOrderIndex
 
 
@@ -19,7 +19,7 @@ class WindowIndex(TokenOrderIndex):
 
     stores_keys = False
 
-    def _search(self, queries: torch.Tensor, max_pages: int) -> torch.Tensor:
+    def _search(self, queries: torch.Tensor, max_pages: int, context: SearchContext) -> torch.Tensor:
         n_pages = self.num_pages
         newest = torch.arange(n_pages - 1, max(n_pages - max_pages, 0) - 1, -1, dtype=torch.long, device=queries.device)
         return newest.unsqueeze(0).expand(self.kv_heads, -1)

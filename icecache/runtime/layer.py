@@ -22,7 +22,7 @@ import torch
 
 import numpy as np
 
-from ..index.base import TokenIndex
+from ..index.base import BuildContext, SearchContext, TokenIndex
 from ..kernels.reference import paged_decode_attention_reference
 from ._host_kernels import assign_and_load, paged_attention
 from .budget import Budget
@@ -153,11 +153,11 @@ class SparseLayer:
             self._apply_leader_changes()
         elif self.index.kv_heads is None:
             self.prefill_queries = prefill_queries
-            self.index.build(self.host.keys(sink, indexed_end), prefill_queries)
+            self.index.build(self.host.keys(sink, indexed_end), BuildContext(prefill_queries, self.scale))
         else:
             already = sink + self.index.num_tokens
             if indexed_end > already:
-                changed = self.index.insert(self.host.keys(already, indexed_end))
+                changed = self.index.insert(self.host.keys(already, indexed_end), start=already - sink)
                 self.tier.invalidate(changed)
                 for follower in self.followers:
                     follower._stale_pages.append(changed)
@@ -179,13 +179,11 @@ class SparseLayer:
         if scale is not None:
             self.scale = float(scale)
         self.admit()
-        if self.scale is not None and self.leader is None and self.index.scale != self.scale:
-            self.index.scale = self.scale  # pages are ranked with the model's own softmax scale
         group_queries = query.view(self.kv_heads, -1, self.head_dim)
 
         scale = self.scale if self.scale is not None else 1.0 / math.sqrt(self.head_dim)
         clock = self._clock()
-        page_ids = self.select_pages(group_queries)
+        page_ids = self.select_pages(group_queries, scale)
         searched = self._clock()
         if self.compiled:
             plan = self.plan_and_load_compiled(page_ids)
@@ -211,9 +209,10 @@ class SparseLayer:
         self.stats.seconds["attention"] += done - loaded
         return out, plan
 
-    def select_pages(self, group_queries: torch.Tensor) -> torch.Tensor:
-        """Page ids `[kv_heads, n]` (-1 padded) to attend besides sink and window: the index's search, all
-        pages when everything retrievable fits the budget, or (a follower) the leader's choice."""
+    def select_pages(self, group_queries: torch.Tensor, scale: float) -> torch.Tensor:
+        """Page ids `[kv_heads, n]` (-1 padded) to attend besides sink and window: the index's search (pages
+        ranked with the model's softmax `scale`), all pages when everything retrievable fits the budget, or
+        (a follower) the leader's choice."""
         if self.leader is not None:
             if self._leader_plan is None:
                 raise RuntimeError("a follower layer decodes after its leader in the same step")
@@ -225,9 +224,9 @@ class SparseLayer:
             self.tier.grow_retrieval_slots(self.index.num_pages)
             return all_pages.unsqueeze(0).expand(self.kv_heads, -1)
         # pages are ranked by their share of each query head's *whole* attention, sink and window included
-        resident = (self.tier.resident_logsumexp(group_queries, self.index.scale)
-                    if self.index.uses_resident_lse else None)
-        return self.index.search(group_queries, self.budget.max_pages, resident)
+        resident = self.tier.resident_logsumexp(group_queries, scale) if self.index.uses_resident_lse else None
+        # the queries come from the model's own attention call: checked there, not again per layer and step
+        return self.index._search_unchecked(group_queries, self.budget.max_pages, SearchContext(resident, scale))
 
     def plan(self, page_ids: torch.Tensor) -> DecodePlan:
         """Assign this step's pages to retrieval slots (keeping resident ones) and list what must move."""

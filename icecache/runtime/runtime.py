@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..index import DEFAULT_INDEX
 from ..index.base import TokenIndex, get_index, index_class
 from ..kernels import paged_decode_attention, paged_decode_attention_reference
 from .budget import Budget
@@ -84,12 +85,15 @@ class IceRuntime:
         >>> model.generate(input_ids, cache=cache, max_new_tokens=32, do_sample=False)
     """
 
-    def __init__(self, index: str = "tree", budget: int = 256, page_size: int = 16, sink: int = 16,
+    def __init__(self, index: str = DEFAULT_INDEX, budget: int = 256, page_size: int = 16, sink: int = 16,
                  window: int = 32, dense_layers: int = 2, select_every: int = 1,
                  index_options: dict[str, Any] | None = None,
                  kernel: str | Callable = "auto", profile: bool = False, compiled: bool = True) -> None:
         self.index_name = index
-        index_class(index)  # unknown or unavailable names fail here, not at the first forward
+        if index_options is not None and not isinstance(index_options, dict):
+            raise TypeError(f"index_options must be a dict of the index's options, got {type(index_options).__name__}")
+        # unknown names and bad options fail here, not at the first forward
+        self._index_options = index_class(index).Options.create(index, dict(index_options or {}))
         self.budget = Budget(tokens=budget, page_size=page_size, sink=sink, window=window)
         if not isinstance(dense_layers, int) or dense_layers < 0:
             raise ValueError(f"dense_layers must be a non-negative int, got {dense_layers!r}")
@@ -109,7 +113,7 @@ class IceRuntime:
         """What determines an index's layout: two runtimes with the same signature build the same index
         from the same tokens, whatever their budgets."""
         return (self.index_name, self.budget.page_size, self.budget.sink, self.budget.window,
-                repr(sorted(self.index_options.items())))
+                self._index_options)
 
     def _make_layer(self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
                     leader: SparseLayer | None = None, index: TokenIndex | None = None) -> SparseLayer:
