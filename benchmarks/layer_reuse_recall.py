@@ -37,7 +37,7 @@ def chosen_tokens(cap, layer: int, query: torch.Tensor, sink: int, window: int, 
     n = cap.prompt_tokens
     kv, _, d = cap.keys[layer].shape
     index = icecache.get_index("tree", head_dim=d, page_size=page)
-    index.build(cap.keys[layer][:, sink: n - window], icecache.BuildContext(cap.prefill_queries[layer].reshape(kv, -1, d)))
+    index.build(cap.keys[layer][:, sink: n - window], icecache.BuildContext.from_query_heads(cap.prefill_queries[layer], kv))
     pages = index.search(query.view(kv, -1, d), (budget - sink - window) // page)
     out = []
     for h in range(kv):

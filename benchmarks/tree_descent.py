@@ -40,10 +40,10 @@ def main() -> None:
     for layer in range(2, len(cap.keys), 3):
         kv, _, d = cap.keys[layer].shape
         keys = cap.keys[layer][:, sink : n - window]
-        build_queries = cap.prefill_queries[layer].reshape(kv, -1, d)
+        build_queries = cap.prefill_queries[layer]
         indexes = {mode: icecache.get_index("tree", head_dim=d, page_size=page, search=mode) for mode in MODES}
         for index in indexes.values():
-            index.build(keys, icecache.BuildContext(build_queries))
+            index.build(keys, icecache.BuildContext.from_query_heads(build_queries, kv))
         pages, micros, scored = {}, {}, {}
         for mode, index in indexes.items():
             index.search(cap.decode_queries[layer][0].view(kv, -1, d), max_pages)  # compile / warm up

@@ -91,10 +91,13 @@ def test_task_suite_tables_are_rendered_from_the_committed_json():
     import json
     from pathlib import Path
 
-    from icecache.bench.tasks import render_suite
+    from icecache.bench.tasks import render_suite, sync_readme
 
     root = Path(__file__).resolve().parents[1]
     results = [json.loads(p.read_text()) for p in sorted((root / "benchmarks" / "tasks_suite").glob("*.json"))]
     assert results
     assert (root / "benchmarks" / "TASKS.md").read_text() == render_suite(results), \
         "benchmarks/TASKS.md is stale: python -m icecache.bench.tasks benchmarks/tasks_suite/*.json > benchmarks/TASKS.md"
+    readme = (root / "README.md").read_text()
+    assert readme == sync_readme(readme, results), \
+        "README's task lines are stale: python -m icecache.bench.tasks benchmarks/tasks_suite/*.json --readme README.md"

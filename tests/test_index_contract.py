@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import icecache
-from icecache.index import SearchContext
+from icecache.index import BuildContext, SearchContext
 from icecache.index.base import IndexOptions, TokenIndex
 
 INDEXES = icecache.available_indexes()
@@ -75,6 +75,13 @@ def test_bad_input_raises_and_keeps_index(name):
     keys = random_keys(0, 2, 20, 8)
     with pytest.raises(RuntimeError, match="build"):
         index.search(keys[:, :1], 2)
+    with pytest.raises(ValueError, match="context.group"):  # 3 queries per KV head are not whole positions of 2
+        index.build(keys, BuildContext(random_keys(1, 2, 3, 8), group=2))
+    with pytest.raises(ValueError, match="context.queries has 3 kv_heads"):
+        index.build(keys, BuildContext(random_keys(1, 3, 4, 8)))
+    with pytest.raises(TypeError, match="BuildContext"):
+        index.build(keys, random_keys(1, 2, 4, 8))
+    assert index.kv_heads is None, "a refused build leaves the index unbuilt"
     index.build(keys)
     table = index.page_table.clone()
     bad = {

@@ -152,6 +152,27 @@ def test_span_layout_keeps_the_token_order_page_around_each_hot_token():
         icecache.get_index("tree", head_dim=8, hot_layout="nope")
 
 
+def test_span_pages_follow_the_prompts_newest_positions():
+    # 8 prompt positions x 2 query heads: the 7 older positions all read token 100, only the newest reads
+    # token 400 (what the answer's first tokens will need). The span page goes to 400's cell; summed over
+    # every position, 100 would win, and it still leads the profile tier
+    keys = torch.zeros(1, 512, 8)
+    keys[0, 100, 0] = keys[0, 400, 1] = 5.0
+    old, new = torch.zeros(8), torch.zeros(8)
+    old[0] = new[1] = 3.0
+    query_heads = torch.stack([old] * 7 + [new]).expand(2, 8, 8)  # [q_heads, positions, head_dim]
+    context = BuildContext.from_query_heads(query_heads, kv_heads=1)
+    assert context.queries.shape == (1, 16, 8) and context.group == 2 and torch.equal(context.newest(1)[0, 0], new)
+    index = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=1, hot_tiers=1, span_pages=1)
+    index.build(keys, context)
+    assert index.page_table[0, 0].tolist() == list(range(400, 416))
+    assert 100 in index.page_table[0, 1].tolist()
+    everything = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=1, hot_tiers=1, span_pages=1,
+                                    span_queries=8)  # every position: the older reading wins
+    everything.build(keys, context)
+    assert everything.page_table[0, 0].tolist() == list(range(96, 112))
+
+
 def test_span_pages_come_first_in_token_order_then_the_profile_tiers():
     g = torch.Generator().manual_seed(3)
     keys = 0.1 * torch.randn(1, 512, 8, generator=g)
@@ -220,7 +241,7 @@ def reference_masses(index, queries: torch.Tensor, max_pages: int, resident_lse=
     pinned = index._pinned  # the first hot tier: always candidates
     n_cand = min(n_pages, max(max_pages * index.options.candidate_factor, index.options.min_candidates) + pinned)
     n_bound = min(n_pages - n_cand, index.options.bound_candidates)  # plus the best others by the bound
-    page_node, radii = index._nodes[4], index._nodes[8]
+    page_node, radii = index._nodes.page_node, index._nodes.radii
     out = []
     for h in range(index.kv_heads):
         per_query = queries[h] @ index.centroids()[h].T  # [g, pages]

@@ -63,7 +63,7 @@ def evaluate_layer(cap: Capture, layer_idx: int, index: str, budget: Budget,
     layer.store(keys[:, :n], values[:, :n])
     layer.scale = scale
     start = time.perf_counter()
-    layer.admit(cap.prefill_queries[layer_idx].reshape(kv_heads, -1, head_dim))
+    layer.admit(cap.prefill_queries[layer_idx])
     build_seconds = time.perf_counter() - start
 
     sums = {"recall": 0.0, "topk_recall": 0.0, "output_error": 0.0, "pages": 0.0, "metadata_bytes": 0.0}

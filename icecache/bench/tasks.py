@@ -194,7 +194,47 @@ def render_suite(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+README_START, README_END = "<!-- tasks-suite:start -->", "<!-- tasks-suite:end -->"
+
+
+def suite_readme_block(results: list[dict], methods=("tree", "exact")) -> str:
+    """The README's needle-question lines: per suite run and context, the share of full KV's answers that
+    `methods` keep at each budget (from the same JSON as benchmarks/TASKS.md)."""
+    lines = []
+    for result in results:
+        for context in result["settings"]["contexts"]:
+            records = [r for r in result["records"] if r["context"] == context]
+            if not records:
+                continue
+            summary = summarize(records)
+            full = next(r for r in summary if r["method"] == FULL)
+            budgets = sorted({r["budget"] for r in summary if r["method"] != FULL})
+            kept = {(r["method"], r["budget"]): r["of_full_kv"] for r in summary}
+            shares = "; ".join(f"{m} " + " / ".join(f"{kept[(m, b)]:.2f}" for b in budgets)
+                               for m in methods if all((m, b) in kept for b in budgets))
+            model = result["settings"].get("model", "smollm2-135m")
+            lines.append(f"- {model}, ~{context} tokens, {len({_question(r) for r in records})} questions "
+                         f"({', '.join(result['settings']['kinds'])}; full KV answers {full['accuracy']:.2f}): "
+                         f"share of full KV's answers kept at budgets {' / '.join(map(str, budgets))}: {shares}")
+    return "\n".join(lines)
+
+
+def sync_readme(text: str, results: list[dict]) -> str:
+    """`text` (the README) with its task-suite block replaced by `suite_readme_block(results)`."""
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    return f"{head}{README_START}\n{suite_readme_block(results)}\n{README_END}{tail}"
+
+
 if __name__ == "__main__":
     import sys
 
-    print(render_suite([json.loads(Path(p).read_text()) for p in sorted(sys.argv[1:])]), end="")
+    # python -m icecache.bench.tasks benchmarks/tasks_suite/*.json > benchmarks/TASKS.md [--readme README.md]
+    args = sys.argv[1:]
+    readme = args[args.index("--readme") + 1] if "--readme" in args else None
+    paths = [a for a in args if a.endswith(".json")]
+    runs = [json.loads(Path(p).read_text()) for p in sorted(paths)]
+    if readme:
+        Path(readme).write_text(sync_readme(Path(readme).read_text(), runs))
+    else:
+        print(render_suite(runs), end="")

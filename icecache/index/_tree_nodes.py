@@ -13,11 +13,39 @@ leaf node (-1 for an internal one), `page_node[h, page]` the way back.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numba
 import numpy as np
 
 # reassociation and contraction let the dot products use SIMD lanes; no `ninf`: empty slots are -inf
 _FAST = {"reassoc", "contract", "arcp", "nsz"}
+
+
+class TreeNodes(NamedTuple):
+    """The hierarchy's arrays, one row per KV head; passed to the compiled kernels as one argument (numba
+    types a NamedTuple of arrays field by field)."""
+
+    parent: np.ndarray  # [kv, nodes] int64, -1 for the root
+    first_child: np.ndarray  # [kv, nodes] int64, -1 for a leaf
+    next_sibling: np.ndarray  # [kv, nodes] int64, -1 for the last child
+    page: np.ndarray  # [kv, nodes] int64: a leaf's page id, -1 for an inner node
+    page_node: np.ndarray  # [kv, page capacity] int64: each page's leaf node
+    sums: np.ndarray  # [kv, nodes, head_dim] float64: sum of the raw keys below
+    counts: np.ndarray  # [kv, nodes] int64: keys below
+    centers: np.ndarray  # [kv, nodes, head_dim] float32: sums / counts
+    radii: np.ndarray  # [kv, nodes] float64: bounds |k - center| for every key k below
+    count: np.ndarray  # [kv] int64: nodes in use per head
+
+    @staticmethod
+    def allocate(kv_heads: int, page_capacity: int, head_dim: int) -> "TreeNodes":
+        """Room for a tree over `page_capacity` pages: at most 2 nodes per page plus the root and group nodes."""
+        cap = 2 * page_capacity + 16
+        links = [np.full((kv_heads, cap), -1, dtype=np.int64) for _ in range(4)]
+        return TreeNodes(*links, np.full((kv_heads, page_capacity), -1, dtype=np.int64),
+                         np.zeros((kv_heads, cap, head_dim)), np.zeros((kv_heads, cap), dtype=np.int64),
+                         np.zeros((kv_heads, cap, head_dim), dtype=np.float32), np.zeros((kv_heads, cap)),
+                         np.zeros(kv_heads, dtype=np.int64))
 
 
 @numba.njit(cache=True)
@@ -65,13 +93,13 @@ def _farthest(h, first_page, end_page, fill, page_keys, center):
 
 
 @numba.njit(cache=True)
-def build_nodes(h, group_starts, n_pages, fill, page_keys, node_parent, first_child, next_sibling, node_page,
-                page_node, sums, counts, centers, radii, n_nodes):
+def build_nodes(h, group_starts, n_pages, fill, page_keys, nodes):
     """Node hierarchy of KV head `h` over its pages `0 .. n_pages - 1`: a root whose children are the
     layout groups (page ranges starting at `group_starts`), each split in halves down to single pages,
     as the balanced layout split them (left = half the pages, rounded down). Radii are exact. With
     k-means top levels (`depth > 0`) the groups' own splits are not mirrored: halves of a page range are
     still valid nodes (a bound holds for any grouping), only looser."""
+    node_parent, first_child, next_sibling, node_page, page_node, sums, counts, centers, radii, n_nodes = nodes
     n_nodes[h] = 0
     root = _new_node(h, -1, -1, node_parent, first_child, next_sibling, node_page, n_nodes)
     cap = node_parent.shape[1]

@@ -146,15 +146,33 @@ class BuildContext:
     """What an index build may use besides the keys.
 
     Attributes:
-        queries: `[kv_heads, m, head_dim]`, the prefill's newest queries of each KV head's group (every query
-            head of the group, m = group x positions), or None; for indexes that learn their layout from
-            what the prompt attends to.
+        queries: `[kv_heads, positions * group, head_dim]`, the prefill's newest query positions of each KV
+            head's group of query heads, position-major (the oldest position first, the prompt's last one
+            last; within a position the group's heads in order), or None; for indexes that learn their
+            layout from what the prompt attends to.
         scale: the model's softmax scale (`logits = scale * q . k`); None means `1 / sqrt(head_dim)`. The
             hooks always see a number.
+        group: query heads per KV head.
     """
 
     queries: torch.Tensor | None = None
     scale: float | None = None
+    group: int = 1
+
+    @classmethod
+    def from_query_heads(cls, queries: torch.Tensor | None, kv_heads: int, scale: float | None = None) -> "BuildContext":
+        """From the attention's own layout, `[q_heads, positions, head_dim]` (query head `i` serves KV head
+        `i // (q_heads / kv_heads)`)."""
+        if queries is None:
+            return cls(None, scale)
+        q_heads, positions, head_dim = queries.shape
+        group = q_heads // kv_heads
+        by_position = queries.reshape(kv_heads, group, positions, head_dim).transpose(1, 2)
+        return cls(by_position.reshape(kv_heads, positions * group, head_dim), scale, group)
+
+    def newest(self, positions: int) -> torch.Tensor:
+        """The queries of the newest `positions` prompt positions, `[kv_heads, positions * group, head_dim]`."""
+        return self.queries[:, -positions * self.group:]
 
 
 @dataclass(frozen=True)
@@ -223,6 +241,9 @@ class TokenIndex(ABC):
             raise TypeError(f"context must be a BuildContext or None, got {type(context).__name__}")
         if context.queries is not None:
             check_keys(context.queries, "context.queries", self.head_dim, keys.shape[0])
+            if not isinstance(context.group, int) or context.group < 1 or context.queries.shape[1] % context.group:
+                raise ValueError(f"context.group must be a positive int dividing the {context.queries.shape[1]} "
+                                 f"queries per KV head, got {context.group!r}")
         context = replace(context, scale=_check_scale(context.scale, self.head_dim))
         self.kv_heads = keys.shape[0]
         self.num_tokens = keys.shape[1]

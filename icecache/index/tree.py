@@ -4,7 +4,8 @@ Per KV head, tokens are split recursively in two by 2-means on keys augmented fo
 (`k' = [k, sqrt(M^2 - |k|^2)]`), each split cut so that the left side holds whole pages: every leaf of
 the resulting binary tree is one full page (fill ~1.0 at build), and siblings get adjacent page ids.
 Tokens the prefill's last queries attend to most ("hot" tokens) are laid out first. The very first pages
-(`span_pages`, 4 by default) are token-order runs: the page-grid cell around each of the hottest tokens,
+(`span_pages`, 4 by default) are token-order runs: the page-grid cell around each of the tokens the
+prompt's last position attends to most,
 so a needle keeps its key, its value and its digits together and in order; a page clustered by role
 would bind the keys of several needles and none of their values (benchmarks/RESULTS.md). The next
 hottest follow in tiers of growing size (8, 24, 72 pages by default: the hottest tokens pack tightest), and within a tier by the same
@@ -50,7 +51,7 @@ import torch
 
 from ._clustering import balanced_kmeans_groups
 from ._tree_kernels import balanced_order, insert_tokens, search_pages, search_pages_descent
-from ._tree_nodes import build_nodes
+from ._tree_nodes import TreeNodes, build_nodes
 from .base import BuildContext, IndexOptions, SearchContext, TokenIndex, register_index
 
 
@@ -102,6 +103,7 @@ class TreeOptions(IndexOptions):
     rescore_hot_tier: bool = True
     bound_candidates: int = 16
     span_pages: int = 4
+    span_queries: int = 1
     hot_layout: str = "profile"
 
     def check(self) -> None:
@@ -118,6 +120,7 @@ class TreeOptions(IndexOptions):
         self.require_choice("rescore_hot_tier", (True, False))
         self.require_int("bound_candidates", 0)
         self.require_int("span_pages", 0)
+        self.require_int("span_queries", 1)
         self.require_choice("hot_layout", ("profile", "spans"))
 
 
@@ -161,6 +164,12 @@ class TreeIndex(TokenIndex):
             role, so one page can hold the keys of several needles and none of their values. Default 4: at
             budget 64 they kept more of full KV's answers than the profile tiers alone (4k suite: 0.65
             against 0.58; 2k: 0.81 against 0.70), for 0.01 of 4k recall (benchmarks/RESULTS.md).
+        span_queries: the span pages go to the tokens the prompt's newest `span_queries` positions attend
+            to most (every query head of the group), not all `BuildContext` positions: the last positions
+            ask what the answer's first tokens will. Default 1: with the 64 newest positions summed, the
+            hottest tokens were the haystack just before the question (the older positions read their
+            neighbours); the last position ranked the pass key's digits first in 5-9 of SmolLM2's 28 sparse
+            layers at 4k (0-1 summed) and in 2 of Gemma 3's 3 global layers at 16k (benchmarks/RESULTS.md).
         hot_layout: "profile" (default): the first hot tier groups the hottest tokens by which prefill
             queries attend them. "spans": it becomes `hot_pages` more span pages instead (measured on
             Gemma 3, which spells numbers one digit per token, benchmarks/LONG_CONTEXT.md).
@@ -201,24 +210,18 @@ class TreeIndex(TokenIndex):
         self._pinned = spans + first_tier if self.options.rescore_hot_tier else 0
         for h in range(kv_heads):
             group_starts = []
-            for tokens, features in self._layout_groups(h, keys[h], aug[h], queries, context.scale, spans, tiers):
+            for tokens, features in self._layout_groups(h, keys[h], aug[h], context, spans, tiers):
                 # features None: the group is already in its page order (token-order spans)
                 order = (torch.arange(tokens.numel()) if features is None else
                          tree_pages(features, self.page_size, self.options.branching, self.options.depth, seed=h))
                 group_starts.append(int(self._pages[h]))
                 self._append_pages(h, tokens[order], aug[h])
             build_nodes(h, np.array(group_starts, dtype=np.int64), int(self._pages[h]), self._fill.numpy(),
-                        self._page_keys.numpy(), *self._nodes)
+                        self._page_keys.numpy(), self._nodes)
 
     def _alloc_nodes(self, kv_heads: int, page_cap: int, d: int) -> None:
-        """The node hierarchy (`_tree_nodes`): a root, one subtree per layout group, leaves = pages.
-        At most 2 nodes per page plus the root and group nodes."""
-        cap = 2 * page_cap + 16
-        links = [np.full((kv_heads, cap), -1, dtype=np.int64) for _ in range(4)]  # parent, child, sibling, page
-        self._nodes = (*links, np.full((kv_heads, page_cap), -1, dtype=np.int64),  # page -> its leaf node
-                       np.zeros((kv_heads, cap, d)), np.zeros((kv_heads, cap), dtype=np.int64),  # sums, counts
-                       np.zeros((kv_heads, cap, d), dtype=np.float32), np.zeros((kv_heads, cap)),  # centres, radii
-                       np.zeros(kv_heads, dtype=np.int64))  # nodes per head
+        """The node hierarchy (`_tree_nodes`): a root, one subtree per layout group, leaves = pages."""
+        self._nodes = TreeNodes.allocate(kv_heads, page_cap, d)
 
     def _hot_layout(self, pages: int) -> tuple[int, list[int]]:
         """Span pages, then pages of each hot tier, hottest first, within `max_hot_share` of `pages`."""
@@ -236,21 +239,23 @@ class TreeIndex(TokenIndex):
             size *= self.options.hot_growth
         return spans, tiers
 
-    def _layout_groups(self, h: int, keys: torch.Tensor, aug: torch.Tensor, queries: torch.Tensor | None,
-                       scale: float, spans: int, tiers: list[int]):
+    def _layout_groups(self, h: int, keys: torch.Tensor, aug: torch.Tensor, context: BuildContext, spans: int,
+                       tiers: list[int]):
         """`(tokens [t], features [t, f] or None)` groups of KV head `h`, each laid out from a fresh page:
         `spans` token-order pages around the hottest tokens (features None: already in page order), the
         hot tiers (`tiers`: pages each) by attention profile, then the rest by augmented key."""
         n = keys.shape[0]
         if not spans and not tiers:
             return [(torch.arange(n), aug)]
-        logits = queries[h].detach().float().cpu() @ keys.T * scale  # [m, n]
+        logits = context.queries[h].detach().float().cpu() @ keys.T * context.scale  # [m, n], newest rows last
         probs = torch.softmax(logits, dim=-1)
         profile = probs.sqrt()  # sqrt: profiles compare by Hellinger distance
         order = torch.argsort(probs.sum(0), descending=True)  # hottest first
         groups, start = [], 0
         if spans:
-            runs = self._span_runs(order, n, spans)
+            # the prompt's last positions ask what the answer's first tokens will: their hottest tokens
+            newest = probs[-min(self.options.span_queries * context.group, probs.shape[0]):].sum(0)
+            runs = self._span_runs(torch.argsort(newest, descending=True), n, spans)
             groups.append((runs, None))
             rest_mask = torch.ones(n, dtype=torch.bool)
             rest_mask[runs[runs >= 0]] = False
@@ -360,8 +365,8 @@ class TreeIndex(TokenIndex):
                                                            scale, lse, self._pinned)
         else:
             best = search_pages(q, _bits(self._cent), self._fill.numpy(), self._page_keys.numpy(), pages,
-                                n_cand, max_pages, scale, lse, self._pinned, self._nodes[4], self._nodes[8],
-                                n_bound)
+                                n_cand, max_pages, scale, lse, self._pinned, self._nodes.page_node,
+                                self._nodes.radii, n_bound)
             self._last_scored = self.kv_heads * pages
         self._last_rescored = n_cand * self.page_size
         return torch.from_numpy(best).to(queries.device)
@@ -369,7 +374,7 @@ class TreeIndex(TokenIndex):
     @property
     def num_nodes(self) -> int:
         """Nodes of the hierarchy (root, inner nodes and leaf pages), summed over the KV heads."""
-        return int(self._nodes[-1].sum())
+        return int(self._nodes.count.sum())
 
     @property
     def nodes_scored(self) -> int:

@@ -126,21 +126,21 @@ class SparseLayer:
 
     def note_prefill_queries(self, queries: torch.Tensor, scale: float | None) -> None:
         """Keep the newest `BUILD_QUERY_POSITIONS` prefill queries `[q_heads, m, head_dim]` (over chunks)
-        as `[kv_heads, group * positions, head_dim]` for the index build; note the model's scale."""
+        for the index build; note the model's scale."""
         if scale is not None:
             self.scale = float(scale)
         if self.index.kv_heads is not None:
             return  # already built: later chunks are inserted
         recent = queries[:, -BUILD_QUERY_POSITIONS:]
         if self.prefill_queries is not None and recent.shape[1] < BUILD_QUERY_POSITIONS:
-            older = self.prefill_queries.view(queries.shape[0], -1, self.head_dim)
+            older = self.prefill_queries
             recent = torch.cat([older, recent.to(older.device)], dim=1)[:, -BUILD_QUERY_POSITIONS:]
-        self.prefill_queries = recent.detach().reshape(self.kv_heads, -1, self.head_dim)
+        self.prefill_queries = recent.detach()
 
     def admit(self, prefill_queries: torch.Tensor | None = None) -> None:
         """Place stored-but-unplaced tokens: first `sink` tokens to the sink, the newest `window` to the
         window ring, and every token older than the window into the index (built at the first call, from
-        `prefill_queries` or those noted during prefill)."""
+        `prefill_queries` `[q_heads, positions, head_dim]` or those noted during prefill)."""
         if prefill_queries is None:
             prefill_queries = self.prefill_queries
         sink, window = self.budget.sink, self.budget.window
@@ -153,7 +153,8 @@ class SparseLayer:
             self._apply_leader_changes()
         elif self.index.kv_heads is None:
             self.prefill_queries = prefill_queries
-            self.index.build(self.host.keys(sink, indexed_end), BuildContext(prefill_queries, self.scale))
+            context = BuildContext.from_query_heads(prefill_queries, self.kv_heads, self.scale)
+            self.index.build(self.host.keys(sink, indexed_end), context)
         else:
             already = sink + self.index.num_tokens
             if indexed_end > already:
