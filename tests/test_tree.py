@@ -173,6 +173,28 @@ def test_span_pages_follow_the_prompts_newest_positions():
     assert everything.page_table[0, 0].tolist() == list(range(96, 112))
 
 
+def test_span_lead_starts_a_run_just_before_the_hot_token():
+    # the hot token sits at the end of its grid cell (position 206 of 192..207): a grid span would cut off
+    # the 8 tokens after it (a needle's value); with span_lead=2 the run is 204..219, and a second hot
+    # token inside that run opens no second run
+    keys = torch.zeros(1, 512, 8)
+    keys[0, 206, 0] = keys[0, 210, 0] = 5.0
+    keys[0, 300, 1] = 4.0
+    queries = torch.zeros(1, 1, 8)
+    queries[0, 0, 0] = queries[0, 0, 1] = 3.0
+    grid = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=0, span_pages=2)
+    grid.build(keys, BuildContext(queries))
+    assert grid.page_table[0, 0].tolist() == list(range(192, 208))
+    lead = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=0, span_pages=2, span_lead=2)
+    lead.build(keys, BuildContext(queries))
+    assert lead.page_table[0, 0].tolist() == list(range(204, 220))
+    assert lead.page_table[0, 1].tolist() == list(range(298, 314))
+    table = lead.page_table[0].flatten()
+    assert sorted(table[table >= 0].tolist()) == list(range(512))  # every token still exactly once
+    with pytest.raises(ValueError, match="span_lead"):
+        icecache.get_index("tree", head_dim=8, span_lead=-1)
+
+
 def test_span_pages_come_first_in_token_order_then_the_profile_tiers():
     g = torch.Generator().manual_seed(3)
     keys = 0.1 * torch.randn(1, 512, 8, generator=g)
@@ -421,3 +443,18 @@ def test_the_first_hot_tier_is_rescored_whatever_its_centroid():
     assert found[True, 0] and not found[False, 0]  # the centroid alone misses it
     # one more candidate ranked by the bound on its best token, q . c + |q| r, finds it too
     assert found[False, 1]
+
+
+@given(seed=st.integers(0, 1000), n=st.integers(0, 300), span_pages=st.integers(0, 6), lead=st.integers(0, 20),
+       page_size=st.sampled_from([1, 4, 16]))
+def test_span_runs_store_every_token_once(seed, n, span_pages, lead, page_size):
+    g = torch.Generator().manual_seed(seed)
+    index = icecache.get_index("tree", head_dim=8, page_size=page_size, span_pages=span_pages, span_lead=lead)
+    index.build(torch.randn(2, n, 8, generator=g), BuildContext(torch.randn(2, 6, 8, generator=g), group=2))
+    table = index.page_table
+    for h in range(2):
+        stored = table[h][table[h] >= 0]
+        assert sorted(stored.tolist()) == list(range(n))
+    index.insert(torch.randn(2, 5, 8, generator=g))
+    pages = index.search(torch.randn(2, 2, 8, generator=g), 3)
+    assert pages.shape == (2, 3)

@@ -104,6 +104,7 @@ class TreeOptions(IndexOptions):
     bound_candidates: int = 16
     span_pages: int = 4
     span_queries: int = 1
+    span_lead: int | None = None
     hot_layout: str = "profile"
 
     def check(self) -> None:
@@ -121,6 +122,7 @@ class TreeOptions(IndexOptions):
         self.require_int("bound_candidates", 0)
         self.require_int("span_pages", 0)
         self.require_int("span_queries", 1)
+        self.require_int("span_lead", 0, allow_none=True)
         self.require_choice("hot_layout", ("profile", "spans"))
 
 
@@ -170,6 +172,9 @@ class TreeIndex(TokenIndex):
             hottest tokens were the haystack just before the question (the older positions read their
             neighbours); the last position ranked the pass key's digits first in 5-9 of SmolLM2's 28 sparse
             layers at 4k (0-1 summed) and in 2 of Gemma 3's 3 global layers at 16k (benchmarks/RESULTS.md).
+        span_lead: None (default): a span page is the page-grid cell holding its hot token. An int: the
+            `page_size` tokens from `span_lead` before the hot token on (less any an earlier span took), so
+            what follows the token (a key's value) stays on its page even when the token ends its cell.
         hot_layout: "profile" (default): the first hot tier groups the hottest tokens by which prefill
             queries attend them. "spans": it becomes `hot_pages` more span pages instead (measured on
             Gemma 3, which spells numbers one digit per token, benchmarks/LONG_CONTEXT.md).
@@ -270,15 +275,37 @@ class TreeIndex(TokenIndex):
         return groups
 
     def _span_runs(self, order: torch.Tensor, n: int, count: int) -> torch.Tensor:
-        """`[count * page_size]` positions: the grid page holding each of the hottest tokens in `order`
-        not yet covered, in token order (-1 pads the last page when `n` is not a multiple)."""
-        ps = self.page_size
-        cells = list(dict.fromkeys((order // ps).tolist()))[:count]
-        runs = torch.full((len(cells), ps), -1, dtype=torch.long)
-        for i, w in enumerate(cells):
-            run = torch.arange(w * ps, min((w + 1) * ps, n))
-            runs[i, : run.numel()] = run
-        return runs.flatten()
+        """`[count * page_size]` positions: a token-order run for each of the hottest tokens in `order` not
+        yet covered, -1 where a run is short. With `span_lead` None, the grid page holding the token;
+        else the `page_size` tokens from `span_lead` before it on (what follows a needle's key is its
+        value), less any a previous run took."""
+        ps, lead = self.page_size, self.options.span_lead
+        if lead is None:
+            cells = list(dict.fromkeys((order // ps).tolist()))[:count]
+            starts = [w * ps for w in cells]
+        else:
+            starts = []
+        runs = torch.full((count, ps), -1, dtype=torch.long)
+        taken = torch.zeros(n, dtype=torch.bool)
+        made, hot = 0, iter(order.tolist())
+        while made < count:
+            if lead is None:
+                if made >= len(starts):
+                    break
+                first = starts[made]
+            else:
+                t = next(hot, None)
+                if t is None:
+                    break
+                if taken[t]:
+                    continue
+                first = min(max(t - lead, 0), max(n - ps, 0))
+            run = torch.arange(first, min(first + ps, n))
+            run = run[~taken[run]]
+            taken[run] = True
+            runs[made, : run.numel()] = run
+            made += 1
+        return runs[:made].flatten()
 
     def _append_pages(self, h: int, tokens: torch.Tensor, aug: torch.Tensor) -> None:
         ps, count = self.page_size, -(-tokens.numel() // self.page_size)
