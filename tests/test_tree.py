@@ -162,7 +162,7 @@ def test_span_pages_follow_the_prompts_newest_positions():
     old[0] = new[1] = 3.0
     query_heads = torch.stack([old] * 7 + [new]).expand(2, 8, 8)  # [q_heads, positions, head_dim]
     context = BuildContext.from_query_heads(query_heads, kv_heads=1)
-    assert context.queries.shape == (1, 16, 8) and context.group == 2 and torch.equal(context.newest(1)[0, 0], new)
+    assert context.queries.shape == (1, 16, 8) and context.group == 2 and torch.equal(context.queries[0, -2], new)  # the newest position last
     index = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=1, hot_tiers=1, span_pages=1)
     index.build(keys, context)
     assert index.page_table[0, 0].tolist() == list(range(400, 416))

@@ -170,10 +170,6 @@ class BuildContext:
         by_position = queries.reshape(kv_heads, group, positions, head_dim).transpose(1, 2)
         return cls(by_position.reshape(kv_heads, positions * group, head_dim), scale, group)
 
-    def newest(self, positions: int) -> torch.Tensor:
-        """The queries of the newest `positions` prompt positions, `[kv_heads, positions * group, head_dim]`."""
-        return self.queries[:, -positions * self.group:]
-
 
 @dataclass(frozen=True)
 class SearchContext:

@@ -280,32 +280,18 @@ class TreeIndex(TokenIndex):
         else the `page_size` tokens from `span_lead` before it on (what follows a needle's key is its
         value), less any a previous run took."""
         ps, lead = self.page_size, self.options.span_lead
-        if lead is None:
-            cells = list(dict.fromkeys((order // ps).tolist()))[:count]
-            starts = [w * ps for w in cells]
-        else:
-            starts = []
-        runs = torch.full((count, ps), -1, dtype=torch.long)
-        taken = torch.zeros(n, dtype=torch.bool)
-        made, hot = 0, iter(order.tolist())
-        while made < count:
-            if lead is None:
-                if made >= len(starts):
-                    break
-                first = starts[made]
-            else:
-                t = next(hot, None)
-                if t is None:
-                    break
-                if taken[t]:
-                    continue
-                first = min(max(t - lead, 0), max(n - ps, 0))
+        runs, taken = [], torch.zeros(n, dtype=torch.bool)
+        for t in order.tolist():
+            if len(runs) == count:
+                break
+            if taken[t]:  # covered by an earlier run: no run of its own
+                continue
+            first = t // ps * ps if lead is None else min(max(t - lead, 0), max(n - ps, 0))
             run = torch.arange(first, min(first + ps, n))
             run = run[~taken[run]]
             taken[run] = True
-            runs[made, : run.numel()] = run
-            made += 1
-        return runs[:made].flatten()
+            runs.append(torch.nn.functional.pad(run, (0, ps - run.numel()), value=-1))
+        return torch.cat(runs) if runs else torch.empty(0, dtype=torch.long)
 
     def _append_pages(self, h: int, tokens: torch.Tensor, aug: torch.Tensor) -> None:
         ps, count = self.page_size, -(-tokens.numel() // self.page_size)
