@@ -258,6 +258,11 @@ class TokenIndex(ABC):
             start = self.num_tokens
         elif start != self.num_tokens:
             raise ValueError(f"start must be num_tokens ({self.num_tokens}): the next free position, got {start!r}")
+        return self._insert_unchecked(keys, start)
+
+    def _insert_unchecked(self, keys: torch.Tensor, start: int) -> torch.Tensor:
+        """`insert` without the input checks, for the runtime: one token per decode step and layer, the
+        model's own keys at the position it tracks."""
         if keys.shape[1] == 0:
             return torch.empty(0, dtype=torch.long)
         changed = self._insert(keys, start)

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from ._clustering import balanced_kmeans_groups
-from ._tree_kernels import balanced_order, insert_tokens, search_pages, search_pages_descent
+from ._tree_kernels import augment_keys, balanced_order, insert_tokens, search_pages, search_pages_descent
 from ._tree_nodes import TreeNodes, build_nodes
 from .base import BuildContext, IndexOptions, SearchContext, TokenIndex, register_index
 
@@ -333,7 +333,7 @@ class TreeIndex(TokenIndex):
     # -- insert ----------------------------------------------------------------------------------
 
     def _insert(self, keys: torch.Tensor, start: int) -> torch.Tensor:
-        new_keys = augment(keys.detach().float().cpu().numpy(), self.max_norm)
+        new_keys = augment_keys(np.ascontiguousarray(keys.detach().float().cpu().numpy()), self.max_norm)
         self._ensure_capacity(self.num_pages + keys.shape[1])
         changed = np.zeros(self._fill.shape, dtype=np.bool_)
         insert_tokens(new_keys, start, self._table.numpy(), self._fill.numpy(), self._sums.numpy(),

@@ -17,7 +17,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-from ..index.base import TokenIndex
+from ..index.base import TokenIndex, _all_finite as all_finite
 from .layer import SparseLayer
 
 ATTENTION_NAME = "icecache"
@@ -72,7 +72,7 @@ class IceCacheLayer(CacheLayerMixin):
                 "this model's attention does not pass its kwargs to cache.update(); IceRuntime supports "
                 "transformers >= 5 decoders that do (Llama, Mistral, Qwen2/3, SmolLM2, Gemma 3)"
             )
-        if not key_states.is_floating_point() or not bool(torch.isfinite(key_states).all()):
+        if not key_states.is_floating_point() or not all_finite(key_states):
             raise ValueError(f"key_states must be finite floating-point values (got dtype {key_states.dtype}, "
                              "with NaN/inf or non-float entries); nothing was stored")
         if not self.is_initialized:

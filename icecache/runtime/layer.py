@@ -158,7 +158,8 @@ class SparseLayer:
         else:
             already = sink + self.index.num_tokens
             if indexed_end > already:
-                changed = self.index.insert(self.host.keys(already, indexed_end), start=already - sink)
+                # the model's own keys at the position this layer tracks: checked at the public `insert`, not per step
+                changed = self.index._insert_unchecked(self.host.keys(already, indexed_end), already - sink)
                 self.tier.invalidate(changed)
                 for follower in self.followers:
                     follower._stale_pages.append(changed)

@@ -8,7 +8,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ._host_kernels import logsumexp_logits
+from ._host_kernels import forget_pages, logsumexp_logits
+
+
+def _numpy_view(t: torch.Tensor) -> np.ndarray | None:
+    """A numpy view of a CPU tensor numpy can hold (not bfloat16), else None. A copy of a token or two
+    through numpy costs a few microseconds, through torch's indexing about ten per call: it runs for
+    every layer at every decode step."""
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float16, torch.float64):
+        return t.detach().numpy()
+    return None
 
 
 def _pin(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -35,8 +44,14 @@ class HostTier:
                 grown = _pin(torch.empty(old.shape[0], cap, old.shape[2], dtype=old.dtype), self.device)
                 grown[:, : self.length] = old[:, : self.length]
                 setattr(self, name, grown)
-        self.k[:, self.length : need] = k.to(self.k.device)
-        self.v[:, self.length : need] = v.to(self.v.device)
+        host_k, host_v = _numpy_view(self.k), _numpy_view(self.v)
+        new_k, new_v = _numpy_view(k), _numpy_view(v)
+        if host_k is not None and new_k is not None and new_v is not None and k.dtype == self.k.dtype:
+            host_k[:, self.length : need] = new_k
+            host_v[:, self.length : need] = new_v
+        else:
+            self.k[:, self.length : need] = k.to(self.k.device)
+            self.v[:, self.length : need] = v.to(self.v.device)
         self.length = need
 
     def drop_first(self, n: int) -> None:
@@ -82,11 +97,17 @@ class DeviceTier:
 
     def write_resident(self, positions: range, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write sink or window tokens at global `positions` (K/V `[kv_heads, len, head_dim]`)."""
-        flat = torch.tensor(
-            [p if p < self.sink else self.window_offset + (p - self.sink) % self.window for p in positions],
-            dtype=torch.long, device=self.k.device,
-        )
+        flat = [p if p < self.sink else self.window_offset + (p - self.sink) % self.window for p in positions]
         kv_heads, head_dim = self.k.shape[0], self.k.shape[-1]
+        tier_k, tier_v, new_k, new_v = (_numpy_view(t) for t in (self.k, self.v, k, v))
+        if tier_k is not None and new_k is not None and new_v is not None:
+            if len(flat) == 1:  # a decode step's token: plain indexing, no index array
+                flat, new_k, new_v = flat[0], new_k[:, 0], new_v[:, 0]
+            tier_k.reshape(kv_heads, -1, head_dim)[:, flat] = new_k
+            tier_v.reshape(kv_heads, -1, head_dim)[:, flat] = new_v
+            self.filled.numpy().reshape(kv_heads, -1)[:, flat] = True
+            return
+        flat = torch.tensor(flat, dtype=torch.long, device=self.k.device)
         self.k.view(kv_heads, -1, head_dim)[:, flat] = k.to(self.k.dtype)
         self.v.view(kv_heads, -1, head_dim)[:, flat] = v.to(self.v.dtype)
         self.filled.view(kv_heads, -1)[:, flat] = True
@@ -118,9 +139,13 @@ class DeviceTier:
 
     def invalidate(self, page_ids: torch.Tensor) -> None:
         """Forget cached copies of pages whose contents changed in the index."""
-        if page_ids.numel():
-            stale = torch.isin(self.slot_page, page_ids.to(self.slot_page.device))
-            self.slot_page[stale] = -1
+        if not page_ids.numel():
+            return
+        if self.slot_page.device.type == "cpu":  # every decode step: one compiled call, not three torch ops
+            forget_pages(self.slot_page.numpy(), page_ids.cpu().numpy())
+            return
+        stale = torch.isin(self.slot_page, page_ids.to(self.slot_page.device))
+        self.slot_page[stale] = -1
 
     def assign(self, page_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Map this step's selection `[kv_heads, n]` (-1 padded) onto retrieval slots, keeping cached pages.
