@@ -70,11 +70,14 @@ def test_latency_bench_accounts_every_phase_per_batch(smollm, tmp_path):
         (2, "full KV"), (2, "exact"), (2, "tree")]
     for r in rows:
         if r["method"] in ("exact", "tree"):
-            phases = r["search_ms"] + r["transfer_ms"] + r["attention_ms"] + r["other_ms"]
-            assert phases == pytest.approx(r["step_ms"]) and r["other_ms"] > 0
+            parts = ("admit_ms", "search_ms", "transfer_ms", "attention_ms", "other_ms", "model_ms")
+            assert sum(r[p] for p in parts) == pytest.approx(r["step_ms"])
+            assert all(r[p] > 0 for p in parts), {p: r[p] for p in parts}
             assert r["sparse_layer_kv_ratio"] <= (64 + 32) / 600
+        else:
+            assert r["model_ms"] == pytest.approx(r["step_ms"])
         assert r["tokens_per_s"] == pytest.approx(r["batch"] * 1e3 / r["step_ms"])
-    assert "other ms" in format_latency(result)
+    assert "other ms" in format_latency(result) and "model ms" in format_latency(result)
     plot_latency(result, tmp_path / "latency.png")
     assert (tmp_path / "latency.png").stat().st_size > 0
 

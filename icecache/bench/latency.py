@@ -82,8 +82,10 @@ def run_latency(model, tokenizer, contexts=(1024, 2048, 4096, 8192), indexes=Non
 
     Every method is timed the same way (no synchronisation inside the step); on CUDA the per-phase split
     comes from a second, profiled pass (`IceRuntime(profile=True)` synchronises around each phase), on the
-    CPU from the same pass. "other" is the step minus search, transfer and attention: the model's own
-    layers (MLPs, projections, dense and sliding layers, LM head) and the runtime's overhead. A batch of `b`
+    CPU from the same pass. A sparse row's step splits into the sparse layers' phases (admit: window and index
+    updates; search; transfer; attention), "other" (the sparse layers' work outside every phase: the
+    runtime's own overhead) and "model" (everything else: MLPs, projections, dense and sliding layers, LM
+    head); they add up to the step. A full-KV row's step is all "model". A batch of `b`
     decodes `b` copies of one prompt (`IceCache.batch_repeat_interleave`), each with its own pages. The
     floor row is full KV at `floor_context` tokens: what a decode step costs when the context is short.
     """
@@ -97,7 +99,7 @@ def run_latency(model, tokenizer, contexts=(1024, 2048, 4096, 8192), indexes=Non
         full = full_kv_copy(base)
         full.batch_repeat_interleave(batch)
         floor = _time_decode(model, full, first.repeat(batch, 1), steps, warmup)
-        rows.append(_row(floor_context, batch, "floor (full KV)", floor, floor))
+        rows.append(_row(floor_context, batch, "floor (full KV)", floor, floor, model_ms=floor * 1e3))
         bar.update(1)
     for context in contexts:
         ids = prompt_ids(tokenizer, context, prose).to(device)
@@ -114,7 +116,7 @@ def run_latency(model, tokenizer, contexts=(1024, 2048, 4096, 8192), indexes=Non
             full_step = _time_decode(model, full, tokens, steps, warmup)
             full_bytes = sum(l.keys.numel() * l.keys.element_size() * 2 for l in full.layers)
             rows.append(_row(context, batch, FULL, full_step, full_step, device_kv_mib=full_bytes / 2**20,
-                             sparse_layer_kv_ratio=1.0, other_ms=full_step * 1e3, prefill_ms=prefill_attention))
+                             sparse_layer_kv_ratio=1.0, model_ms=full_step * 1e3, prefill_ms=prefill_attention))
             bar.update(1)
             for name in indexes:
                 def fresh(profile: bool):
@@ -129,12 +131,15 @@ def run_latency(model, tokenizer, contexts=(1024, 2048, 4096, 8192), indexes=Non
                     runtime, cache = fresh(profile=True)
                     _time_decode(model, cache, tokens, steps, warmup)
                 report = runtime.report(cache)
-                per_layer_steps = report.transfers.steps / max(1, len(cache.sparse_layers)) or 1
-                phase = {k: v / per_layer_steps * 1e3 for k, v in report.transfers.seconds.items()}
+                transfers = report.transfers
+                per_layer_steps = transfers.steps / max(1, len(cache.sparse_layers)) or 1
+                ms = {k: v / per_layer_steps * 1e3 for k, v in transfers.seconds.items()}
                 rows.append(_row(
                     context, batch, name, step, full_step,
-                    search_ms=phase["search"], transfer_ms=phase["transfer"], attention_ms=phase["attention"],
-                    other_ms=step * 1e3 - sum(phase.values()),
+                    admit_ms=ms["admit"], search_ms=ms["search"], transfer_ms=ms["transfer"],
+                    attention_ms=ms["attention"],
+                    other_ms=transfers.runtime_overhead() / per_layer_steps * 1e3,
+                    model_ms=step * 1e3 - ms["layer"],
                     kib_moved_per_step=report.transfers.bytes_moved / per_layer_steps / 1024,
                     hit_rate=report.transfers.hit_rate, device_kv_mib=report.device_kv_bytes / 2**20,
                     sparse_layer_kv_ratio=_sparse_layer_kv_ratio(report), prefill_ms=builds[name]))
@@ -149,8 +154,8 @@ def run_latency(model, tokenizer, contexts=(1024, 2048, 4096, 8192), indexes=Non
 
 COLUMNS = [("context", "context", "d"), ("batch", "batch", "d"), ("method", "method", ""),
            ("step_ms", "ms/step", ".1f"), ("ratio", "vs full KV", ".2f"), ("tokens_per_s", "tokens/s", ".1f"),
-           ("search_ms", "search ms", ".2f"), ("transfer_ms", "transfer ms", ".2f"),
-           ("attention_ms", "attention ms", ".2f"), ("other_ms", "other ms", ".1f"),
+           ("admit_ms", "admit ms", ".2f"), ("search_ms", "search ms", ".2f"), ("transfer_ms", "transfer ms", ".2f"),
+           ("attention_ms", "attention ms", ".2f"), ("other_ms", "other ms", ".2f"), ("model_ms", "model ms", ".1f"),
            ("kib_moved_per_step", "KiB moved/step", ".0f"), ("hit_rate", "hit rate", ".2f"),
            ("device_kv_mib", "device KV MiB", ".1f"), ("sparse_layer_kv_ratio", "sparse layer KV / full", ".3f"),
            ("prefill_ms", "prefill attn / index build ms per layer", ".1f")]

@@ -178,6 +178,7 @@ class SparseLayer:
     def step(self, query: torch.Tensor, scale: float | None = None) -> tuple[torch.Tensor, DecodePlan]:
         """One decode step: admit -> select pages -> plan -> load -> attend, then hand the plan to the
         followers. Returns the attention output `[q_heads, head_dim]` and the step's `DecodePlan`."""
+        start = self._clock()
         if scale is not None:
             self.scale = float(scale)
         self.admit()
@@ -201,14 +202,16 @@ class SparseLayer:
             loaded = self._clock()
             out = self.kernel(query, self.tier.k, self.tier.v, self.tier.attention_mask(), scale)
         done = self._clock()
-        for follower in self.followers:
-            follower.receive(plan)
-
         self.stats.steps += 1
         self.stats.pages_selected += plan.selected
-        self.stats.seconds["search"] += searched - clock
-        self.stats.seconds["transfer"] += loaded - searched
-        self.stats.seconds["attention"] += done - loaded
+        seconds = self.stats.seconds
+        seconds["admit"] += clock - start
+        seconds["search"] += searched - clock
+        seconds["transfer"] += loaded - searched
+        seconds["attention"] += done - loaded
+        seconds["layer"] += self._clock() - start  # the phases plus what lies between them
+        for follower in self.followers:  # their prefetch counts in their own transfer and layer time
+            follower.receive(plan)
         return out, plan
 
     def select_pages(self, group_queries: torch.Tensor, scale: float) -> torch.Tensor:
@@ -274,7 +277,9 @@ class SparseLayer:
             return
         start = self._clock()
         self.load(self.plan(leader_plan.page_ids))
-        self.stats.seconds["transfer"] += self._clock() - start
+        elapsed = self._clock() - start
+        self.stats.seconds["transfer"] += elapsed
+        self.stats.seconds["layer"] += elapsed
 
     def _apply_leader_changes(self) -> None:
         """Follower: forget device copies of pages the leader's index changed since last applied."""

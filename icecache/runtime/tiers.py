@@ -180,6 +180,10 @@ class DeviceTier:
         return self.k.numel() * self.k.element_size() * 2
 
 
+#: the phases of a sparse layer's decode step, in order
+PHASES = ("admit", "search", "transfer", "attention")
+
+
 @dataclass
 class TransferStats:
     """What the bulk loader moved (summed over layers and steps when aggregated)."""
@@ -188,7 +192,14 @@ class TransferStats:
     pages_selected: int = 0
     pages_loaded: int = 0
     bytes_moved: int = 0
-    seconds: dict = field(default_factory=lambda: {"search": 0.0, "transfer": 0.0, "attention": 0.0})
+    #: wall time of the sparse layers' decode work: `admit` (window and index updates), `search`, `transfer`
+    #: (slot assignment and page loads), `attention`, and `layer`, the whole of it (phases and what lies
+    #: between them)
+    seconds: dict = field(default_factory=lambda: dict.fromkeys(PHASES + ("layer",), 0.0))
+
+    def runtime_overhead(self) -> float:
+        """Seconds of the sparse layers' work outside every phase (checks, bookkeeping, Python)."""
+        return self.seconds["layer"] - sum(self.seconds[p] for p in PHASES)
 
     @property
     def hit_rate(self) -> float:
