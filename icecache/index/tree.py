@@ -45,6 +45,7 @@ search cost 0.7 ms per layer at 8k, almost all per-op overhead; compiled it cost
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -53,6 +54,17 @@ from ._clustering import balanced_kmeans_groups
 from ._tree_kernels import augment_keys, balanced_order, insert_tokens, search_pages, search_pages_descent
 from ._tree_nodes import TreeNodes, build_nodes
 from .base import BuildContext, IndexOptions, SearchContext, TokenIndex, register_index
+
+
+class _HostArrays(NamedTuple):
+    """numpy views of the tree's tensors, as the compiled kernels take them (made once per allocation:
+    building them at every decode step and layer cost more than some of the kernels' work)."""
+
+    table: np.ndarray  # [kv, cap, page_size] int64
+    fill: np.ndarray  # [kv, cap] int64
+    sums: np.ndarray  # [kv, cap, d + 1] float32
+    centroid_bits: np.ndarray  # [kv, d, cap] int16 (bfloat16 bits)
+    page_keys: np.ndarray  # [kv, cap, page_size, d + 1] float32
 
 
 def _bits(values: torch.Tensor) -> np.ndarray:
@@ -208,6 +220,7 @@ class TreeIndex(TokenIndex):
         # the table): search reads a candidate page as one contiguous block instead of 16 scattered rows
         self._page_keys = torch.zeros(kv_heads, cap, self.page_size, d + 1)
         self._pages = np.zeros(kv_heads, dtype=np.int64)
+        self._views = None
         self._alloc_nodes(kv_heads, cap, d)
         spans, tiers = self._hot_layout(n // self.page_size) if queries is not None else (0, [])
         # always rescored: the span pages and the first profile tier (`hot_pages`), whose centroids say little
@@ -324,20 +337,32 @@ class TreeIndex(TokenIndex):
         self._table, self._fill = pad(self._table, -1), pad(self._fill, 0)
         self._sums, self._cent = pad(self._sums, 0.0), pad(self._cent, 0.0, dim=2)
         self._page_keys = pad(self._page_keys, 0.0)
+        self._views = None
         # node arrays: copy into arrays sized for the new page capacity
         old = self._nodes
         self._alloc_nodes(self._table.shape[0], self._table.shape[1], self.head_dim)
         for new, kept in zip(self._nodes, old):
             new[tuple(slice(0, n) for n in kept.shape)] = kept
 
+    def _arrays(self) -> _HostArrays:
+        if self._views is None:
+            self._views = _HostArrays(self._table.numpy(), self._fill.numpy(), self._sums.numpy(), _bits(self._cent),
+                                      self._page_keys.numpy())
+        return self._views
+
+    def __getstate__(self) -> dict:
+        # a copy (deepcopy, pickle) gets its own tensors: views of the original's must not travel with it
+        return {**self.__dict__, "_views": None}
+
     # -- insert ----------------------------------------------------------------------------------
 
     def _insert(self, keys: torch.Tensor, start: int) -> torch.Tensor:
         new_keys = augment_keys(np.ascontiguousarray(keys.detach().float().cpu().numpy()), self.max_norm)
         self._ensure_capacity(self.num_pages + keys.shape[1])
-        changed = np.zeros(self._fill.shape, dtype=np.bool_)
-        insert_tokens(new_keys, start, self._table.numpy(), self._fill.numpy(), self._sums.numpy(),
-                      _bits(self._cent), self._page_keys.numpy(), self._pages, changed, self._nodes)
+        a = self._arrays()
+        changed = np.zeros(a.fill.shape, dtype=np.bool_)
+        insert_tokens(new_keys, start, a.table, a.fill, a.sums, a.centroid_bits, a.page_keys, self._pages, changed,
+                      self._nodes)
         return torch.from_numpy(np.flatnonzero(changed.any(0)))
 
     # -- search ----------------------------------------------------------------------------------
@@ -372,12 +397,12 @@ class TreeIndex(TokenIndex):
             lse = np.full(q.shape[:2], -np.inf, np.float32)
         else:
             lse = np.ascontiguousarray(resident_lse.detach().float().cpu().numpy())
+        arrays = self._arrays()
         if self.options.search == "descent":
-            best, self._last_scored = search_pages_descent(q, self._nodes, self._fill.numpy(),
-                                                           self._page_keys.numpy(), pages, n_cand, max_pages,
-                                                           scale, lse, self._pinned)
+            best, self._last_scored = search_pages_descent(q, self._nodes, arrays.fill, arrays.page_keys, pages,
+                                                           n_cand, max_pages, scale, lse, self._pinned)
         else:
-            best = search_pages(q, _bits(self._cent), self._fill.numpy(), self._page_keys.numpy(), pages,
+            best = search_pages(q, arrays.centroid_bits, arrays.fill, arrays.page_keys, pages,
                                 n_cand, max_pages, scale, lse, self._pinned, self._nodes.page_node,
                                 self._nodes.radii, n_bound)
             self._last_scored = self.kv_heads * pages

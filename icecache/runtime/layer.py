@@ -56,6 +56,8 @@ class DecodePlan:
     @property
     def selected(self) -> int:
         """Pages selected over all KV heads."""
+        if self.page_ids.device.type == "cpu":  # counted at every step of every layer: numpy, not two torch ops
+            return int(np.count_nonzero(self.page_ids.numpy() >= 0))
         return int((self.page_ids >= 0).sum())
 
 
@@ -191,10 +193,11 @@ class SparseLayer:
         if self.compiled:
             plan = self.plan_and_load_compiled(page_ids)
             loaded = self._clock()
-            out = torch.empty(query.shape, dtype=torch.float32)
-            paged_attention(query.detach().float().contiguous().numpy(), self.tier.k.numpy(), self.tier.v.numpy(),
-                            self.tier.filled.numpy(), self.tier.active.numpy(), scale, out.numpy())
-            out = out.to(query.dtype)
+            tier = self.tier.arrays()
+            out = np.empty(query.shape, dtype=np.float32)
+            paged_attention(query.detach().float().contiguous().numpy(), tier.k, tier.v, tier.filled, tier.active,
+                            scale, out)
+            out = torch.from_numpy(out).to(query.dtype)
         else:
             plan = self.plan(page_ids)
             self.load(plan)
@@ -245,16 +248,16 @@ class SparseLayer:
 
     def plan_and_load_compiled(self, page_ids: torch.Tensor) -> DecodePlan:
         """`plan` then `load` in one compiled call (CPU, float32): the same slots, loads and device tier."""
-        tier, host = self.tier, self.host
+        tier, (host_k, host_v) = self.tier.arrays(), self.host.arrays()
         ids = np.ascontiguousarray(page_ids.numpy())
         kv, width = ids.shape
         slots = np.empty((kv, width), np.int64)
         heads, slot_ids, pages = (np.empty(kv * width, np.int64) for _ in range(3))
         positions = np.empty((kv * width, self.budget.page_size), np.int64)
-        m = assign_and_load(ids, tier.slot_page.numpy(), self.index.page_table.numpy(), self.index_start,
-                            host.k.numpy(), host.v.numpy(), tier.k.numpy(), tier.v.numpy(), tier.filled.numpy(),
-                            tier.active.numpy(), tier.resident_pages, slots, heads, slot_ids, pages, positions)
-        self.stats.bytes_moved += 2 * m * self.budget.page_size * self.head_dim * host.k.element_size()
+        m = assign_and_load(ids, tier.slot_page, self.index.page_table.numpy(), self.index_start, host_k, host_v,
+                            tier.k, tier.v, tier.filled, tier.active, self.tier.resident_pages, slots, heads,
+                            slot_ids, pages, positions)
+        self.stats.bytes_moved += 2 * m * self.budget.page_size * self.head_dim * host_k.itemsize
         self.stats.pages_loaded += m
         return DecodePlan(page_ids, torch.from_numpy(slots), torch.from_numpy(heads[:m]),
                           torch.from_numpy(slot_ids[:m]), torch.from_numpy(pages[:m]), torch.from_numpy(positions[:m]))

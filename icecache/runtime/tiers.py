@@ -4,6 +4,7 @@ the bulk loader that moves selected pages between them through one staging buffe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -33,6 +34,17 @@ class HostTier:
         self.length = 0
         self.k = _pin(torch.empty(kv_heads, 256, head_dim, dtype=dtype), device)
         self.v = _pin(torch.empty(kv_heads, 256, head_dim, dtype=dtype), device)
+        self._views: tuple | None = None
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
+        """numpy views of K and V `[kv_heads, capacity, head_dim]` (None, None where numpy cannot hold the
+        dtype), made once per allocation."""
+        if self._views is None:
+            self._views = (_numpy_view(self.k), _numpy_view(self.v))
+        return self._views
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_views": None}  # a copy gets its own tensors, so its own views
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new tokens `[kv_heads, m, head_dim]` after the existing ones."""
@@ -44,7 +56,8 @@ class HostTier:
                 grown = _pin(torch.empty(old.shape[0], cap, old.shape[2], dtype=old.dtype), self.device)
                 grown[:, : self.length] = old[:, : self.length]
                 setattr(self, name, grown)
-        host_k, host_v = _numpy_view(self.k), _numpy_view(self.v)
+            self._views = None
+        host_k, host_v = self.arrays()
         new_k, new_v = _numpy_view(k), _numpy_view(v)
         if host_k is not None and new_k is not None and new_v is not None and k.dtype == self.k.dtype:
             host_k[:, self.length : need] = new_k
@@ -90,6 +103,18 @@ class DeviceTier:
         self.slot_page = torch.full((kv_heads, retrieval_slots), -1, dtype=torch.long, device=device)
         self.active = torch.zeros(kv_heads, slots, dtype=torch.bool, device=device)
         self.active[:, : self.resident_pages] = True
+        self._views: DeviceArrays | None = None
+
+    def arrays(self) -> "DeviceArrays | None":
+        """numpy views of the tier's tensors, made once per allocation; None unless on the CPU in a dtype
+        numpy holds."""
+        if self._views is None and _numpy_view(self.k) is not None:
+            self._views = DeviceArrays(self.k.numpy(), self.v.numpy(), self.filled.numpy(), self.active.numpy(),
+                                       self.slot_page.numpy())
+        return self._views
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_views": None}  # a copy gets its own tensors, so its own views
 
     @property
     def retrieval_slots(self) -> int:
@@ -99,13 +124,13 @@ class DeviceTier:
         """Write sink or window tokens at global `positions` (K/V `[kv_heads, len, head_dim]`)."""
         flat = [p if p < self.sink else self.window_offset + (p - self.sink) % self.window for p in positions]
         kv_heads, head_dim = self.k.shape[0], self.k.shape[-1]
-        tier_k, tier_v, new_k, new_v = (_numpy_view(t) for t in (self.k, self.v, k, v))
-        if tier_k is not None and new_k is not None and new_v is not None:
+        arrays, new_k, new_v = self.arrays(), _numpy_view(k), _numpy_view(v)
+        if arrays is not None and new_k is not None and new_v is not None:
             if len(flat) == 1:  # a decode step's token: plain indexing, no index array
                 flat, new_k, new_v = flat[0], new_k[:, 0], new_v[:, 0]
-            tier_k.reshape(kv_heads, -1, head_dim)[:, flat] = new_k
-            tier_v.reshape(kv_heads, -1, head_dim)[:, flat] = new_v
-            self.filled.numpy().reshape(kv_heads, -1)[:, flat] = True
+            arrays.k.reshape(kv_heads, -1, head_dim)[:, flat] = new_k
+            arrays.v.reshape(kv_heads, -1, head_dim)[:, flat] = new_v
+            arrays.filled.reshape(kv_heads, -1)[:, flat] = True
             return
         flat = torch.tensor(flat, dtype=torch.long, device=self.k.device)
         self.k.view(kv_heads, -1, head_dim)[:, flat] = k.to(self.k.dtype)
@@ -117,9 +142,10 @@ class DeviceTier:
         the resident tokens (sink and window; -inf where none is stored yet)."""
         # this runs every decode step of every layer, inside the search's time: on the CPU, one small compiled
         # kernel costs a fraction of torch's per-op overhead (90 us as torch ops)
-        if self.k.device.type == "cpu" and self.k.dtype == torch.float32:
+        arrays = self.arrays()
+        if arrays is not None and self.k.dtype == torch.float32:
             return torch.from_numpy(logsumexp_logits(np.ascontiguousarray(queries.detach().float().numpy()),
-                                                     self.k.numpy(), self.filled.numpy(), self.resident_pages, scale))
+                                                     arrays.k, arrays.filled, self.resident_pages, scale))
         keys = self.k[:, : self.resident_pages].flatten(1, 2)  # a view: [kv, resident slots, head_dim]
         stored = self.filled[:, : self.resident_pages].flatten(1, 2)
         logits = torch.matmul(queries.to(keys.dtype), keys.transpose(1, 2)).float()
@@ -136,6 +162,7 @@ class DeviceTier:
         self.k, self.v = pad(self.k, 0), pad(self.v, 0)
         self.filled, self.active = pad(self.filled, False), pad(self.active, False)
         self.slot_page = pad(self.slot_page, -1)
+        self._views = None
 
     def invalidate(self, page_ids: torch.Tensor) -> None:
         """Forget cached copies of pages whose contents changed in the index."""
@@ -178,6 +205,17 @@ class DeviceTier:
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+
+class DeviceArrays(NamedTuple):
+    """numpy views of a CPU device tier: K, V `[kv_heads, slots, page_size, head_dim]`, filled `[kv_heads,
+    slots, page_size]`, active `[kv_heads, slots]`, slot_page `[kv_heads, retrieval slots]`."""
+
+    k: np.ndarray
+    v: np.ndarray
+    filled: np.ndarray
+    active: np.ndarray
+    slot_page: np.ndarray
 
 
 #: the phases of a sparse layer's decode step, in order
