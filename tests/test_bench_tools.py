@@ -104,3 +104,30 @@ def test_task_suite_tables_are_rendered_from_the_committed_json():
     readme = (root / "README.md").read_text()
     assert readme == sync_readme(readme, results), \
         "README's task lines are stale: python -m icecache.bench.tasks benchmarks/tasks_suite/*.json --readme README.md"
+
+
+def test_merged_task_runs_count_every_question_once():
+    from icecache.bench.tasks import _command, merge_runs
+
+    def run(seed: int, answers: list[bool]) -> dict:
+        records = []
+        for j, ok in enumerate(answers):
+            question = {"kind": "passkey", "context": 1000, "depth": 0.25, "source": "pydoc", "seed": seed + j}
+            records += [{**question, "method": "full KV", "budget": None, "correct": True},
+                        {**question, "method": "tree", "budget": 64, "correct": ok}]
+        settings = {"kinds": ["passkey"], "contexts": [1000], "budgets": [64], "model": "smollm2-135m",
+                    "frame": "inline", "sources": ["pydoc"], "questions": len(answers), "seed": seed,
+                    "indexes": ["tree"], "depths": [0.25]}
+        return {"benchmark": "tasks", "settings": settings, "records": records}
+
+    merged = merge_runs([run(0, [True, False]), run(500, [True, True, True])])
+    tree = next(r for r in merged["summary"] if r["method"] == "tree")
+    assert tree["questions"] == 5 and tree["of_full_kv"] == pytest.approx(4 / 5)
+    assert merged["settings"]["seed"] == [0, 500] and merged["settings"]["questions"] == 5
+    assert "--seed 0 / 500" in _command(merged)
+    with pytest.raises(ValueError, match="distinct seeds"):
+        merge_runs([run(0, [True]), run(0, [True])])
+    other = run(500, [True])
+    other["settings"]["budgets"] = [128]
+    with pytest.raises(ValueError, match="budgets"):
+        merge_runs([run(0, [True]), other])

@@ -47,16 +47,16 @@ def run_tasks(model, tokenizer, kinds=TASK_KINDS, contexts=(2048, 4096), depths=
                 for i, name in enumerate(sources)}
     configs = [(FULL, None)] + [(name, b) for name in indexes for b in budgets] + \
               [(name, None) for name in extra_methods]
-    plan = []  # (source, task) for every question
+    plan = []  # (source, task seed, task) for every question
     for i, kind in enumerate(kinds):
         for context in contexts:
             spots = [(q + 0.5) / questions for q in range(questions)] if questions else list(depths)
             for j, depth in enumerate(spots):
-                source = sources[j % len(sources)]
-                plan.append((source, builders[source].build(kind, seed + 1000 * i + j, context, depth)))
+                source, task_seed = sources[j % len(sources)], seed + 1000 * i + j
+                plan.append((source, task_seed, builders[source].build(kind, task_seed, context, depth)))
     records = []
     bar = tqdm(total=len(plan) * len(configs), desc="tasks", unit="run")
-    for source, task in plan:
+    for source, task_seed, task in plan:
         ids = tokenizer(task.prompt, return_tensors="pt").input_ids
         base, first = shared_prefill(model, ids, max(budgets))  # dense, as generate's own prefill
         donors = {}  # one index build per (task, index), copied for every budget
@@ -72,7 +72,7 @@ def run_tasks(model, tokenizer, kinds=TASK_KINDS, contexts=(2048, 4096), depths=
                 out = generate_after_prefill(model, cache, ids, first, NEW_TOKENS[task.kind])
                 text = tokenizer.decode(out[0], skip_special_tokens=True)
             records.append({"method": name, "budget": budget, "kind": task.kind, "context": task.context_tokens,
-                            "prompt_tokens": ids.shape[1], "depth": task.depth, "source": source,
+                            "prompt_tokens": ids.shape[1], "depth": task.depth, "source": source, "seed": task_seed,
                             "correct": task.score(text), "answers": task.answers, "output": text,
                             "seconds": time.perf_counter() - start})
             bar.update(1)
@@ -99,7 +99,30 @@ def _runtime_factory(spec: str, runtime_options: dict):
 
 
 def _question(record: dict) -> tuple:
-    return record["kind"], record["context"], record["depth"], record.get("source", "pydoc")
+    return record["kind"], record["context"], record["depth"], record.get("source", "pydoc"), record.get("seed")
+
+
+def merge_runs(results: list[dict]) -> dict:
+    """One suite run from several runs of the same kinds, contexts, budgets, model and framing with other
+    seeds (more questions): their records together, the summary recomputed, `settings["seed"]` the list of
+    seeds and `settings["questions"]` their sum."""
+    keys = ("kinds", "contexts", "budgets", "model", "frame", "sources")
+    first = results[0]["settings"]
+    for other in results[1:]:
+        differ = [k for k in keys if other["settings"].get(k) != first.get(k)]
+        if differ:
+            raise ValueError(f"runs to merge must share {keys}; these differ: {differ}")
+    seeds = [s for r in results for s in (r["settings"]["seed"] if isinstance(r["settings"]["seed"], list)
+                                         else [r["settings"]["seed"]])]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"runs to merge must have distinct seeds, got {seeds}")
+    records = [rec for r in results for rec in r["records"]]
+    if len({(_question(r), r["method"], r["budget"]) for r in records}) != len(records):
+        raise ValueError("the runs share questions (same kind, context, depth, source and seed)")
+    settings = {**first, "seed": seeds, "questions": sum(r["settings"].get("questions") or 0 for r in results),
+                "indexes": list(dict.fromkeys(i for r in results for i in r["settings"].get("indexes") or []))}
+    return {**results[0], "settings": settings, "records": records, "summary": summarize(records),
+            "merged": [{"environment": r.get("environment"), "seed": r["settings"]["seed"]} for r in results]}
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -157,7 +180,11 @@ def _command(result: dict) -> str:
              f"--contexts {' '.join(map(str, s['contexts']))}"]
     parts += [f"--questions {s['questions']}"] if s.get("questions") else [f"--depths {' '.join(map(str, s['depths']))}"]
     parts += [f"--sources {' '.join(s.get('sources', ['pydoc']))}", f"--budgets {' '.join(map(str, s['budgets']))}",
-              f"--indexes {' '.join(indexes)}", f"--seed {s['seed']}"]
+              f"--indexes {' '.join(indexes)}"]
+    seeds = s["seed"] if isinstance(s["seed"], list) else [s["seed"]]
+    if len(seeds) > 1 and s.get("questions"):  # merged runs (`merge_runs`): one command per seed, the questions split among them
+        parts[parts.index(f"--questions {s['questions']}")] = f"--questions {s['questions'] // len(seeds)}"
+    parts.append(f"--seed {' / '.join(map(str, seeds))}")
     if s.get("model"):
         parts.append(f"--model {s['model']}")
     return " ".join(parts)
@@ -231,6 +258,10 @@ if __name__ == "__main__":
 
     # python -m icecache.bench.tasks benchmarks/tasks_suite/*.json > benchmarks/TASKS.md [--readme README.md]
     args = sys.argv[1:]
+    if args and args[0] == "--merge":  # python -m icecache.bench.tasks --merge OUT.json A.json B.json ...
+        merged = merge_runs([json.loads(Path(p).read_text()) for p in args[2:]])
+        Path(args[1]).write_text(json.dumps(merged, indent=1))
+        raise SystemExit(0)
     readme = args[args.index("--readme") + 1] if "--readme" in args else None
     paths = [a for a in args if a.endswith(".json")]
     runs = [json.loads(Path(p).read_text()) for p in sorted(paths)]
