@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from icecache.bench.common import replace_block
 from icecache.bench.tasks import summarize
 
 HERE = Path(__file__).resolve().parent
@@ -229,9 +230,7 @@ def readme_block() -> str:
 
 def sync_readme(text: str) -> str:
     """`text` (the README) with its long-context block replaced by `readme_block()`."""
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{readme_block()}\n{END}{tail}"
+    return replace_block(text, START, END, readme_block())
 
 
 if __name__ == "__main__":

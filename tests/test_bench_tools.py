@@ -131,3 +131,24 @@ def test_merged_task_runs_count_every_question_once():
     other["settings"]["budgets"] = [128]
     with pytest.raises(ValueError, match="budgets"):
         merge_runs([run(0, [True]), other])
+
+
+def test_latency_tables_are_rendered_from_the_committed_json():
+    import json
+    from pathlib import Path
+
+    from icecache.bench.latency import render_latency, sync_readme
+
+    root = Path(__file__).resolve().parents[1]
+    results = [json.loads(p.read_text()) for p in sorted((root / "benchmarks" / "latency").glob("*.json"))]
+    assert results
+    assert (root / "benchmarks" / "LATENCY.md").read_text() == render_latency(results), \
+        "benchmarks/LATENCY.md is stale: python -m icecache.bench.latency benchmarks/latency/*.json > benchmarks/LATENCY.md"
+    readme = (root / "README.md").read_text()
+    assert readme == sync_readme(readme, results), \
+        "README's latency lines are stale: python -m icecache.bench.latency benchmarks/latency/*.json --readme README.md"
+    for result in results:  # every sparse row's parts add up to its step
+        for r in result["rows"]:
+            if r.get("search_ms") is not None:
+                parts = ("admit_ms", "search_ms", "transfer_ms", "attention_ms", "other_ms", "model_ms")
+                assert sum(r[p] for p in parts) == pytest.approx(r["step_ms"])

@@ -28,6 +28,14 @@ def write_json(path: str | Path, payload: dict) -> Path:
     return path
 
 
+def replace_block(text: str, start: str, end: str, body: str) -> str:
+    """`text` with what lies between the marker lines `start` and `end` replaced by `body` (the README's
+    generated blocks)."""
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """Markdown table; `columns` are (key, header, format spec)."""
     head = "| " + " | ".join(h for _, h, _ in columns) + " |"

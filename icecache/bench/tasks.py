@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..index import available_indexes
 from ..runtime import IceRuntime, full_kv_copy, generate_after_prefill, shared_prefill
 from ..tasks import TASK_KINDS, TaskBuilder, prose_source
-from .common import environment, parse_index_spec, table
+from .common import environment, parse_index_spec, replace_block, table
 from .stats import Paired, wilson_interval
 
 NEW_TOKENS = {"passkey": 10, "multikey": 12, "multivalue": 28, "vartrack": 10, "twohop": 10}
@@ -248,9 +248,7 @@ def suite_readme_block(results: list[dict], methods=("tree", "exact")) -> str:
 
 def sync_readme(text: str, results: list[dict]) -> str:
     """`text` (the README) with its task-suite block replaced by `suite_readme_block(results)`."""
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    return f"{head}{README_START}\n{suite_readme_block(results)}\n{README_END}{tail}"
+    return replace_block(text, README_START, README_END, suite_readme_block(results))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def _pin(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class HostTier:
-    """Every K/V token of one layer, token-major `[kv_heads, capacity, head_dim]`, growing by half its size."""
+    """Every K/V token of one layer, token-major `[kv_heads, capacity, head_dim]`, growing by an eighth."""
 
     def __init__(self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
         self.device = device  # the compute device this tier feeds
@@ -50,7 +50,9 @@ class HostTier:
         """Store new tokens `[kv_heads, m, head_dim]` after the existing ones."""
         need = self.length + k.shape[1]
         if need > self.k.shape[1]:
-            cap = max(need, self.k.shape[1] * 3 // 2)  # 1.5x: amortised appends, at most a third unused
+            # grow by an eighth: amortised appends with at most an eighth unused (growing by half after a
+            # prefill that filled the tier exactly left a third of every layer's host memory unused)
+            cap = max(need, self.k.shape[1] * 9 // 8)
             for name in ("k", "v"):
                 old = getattr(self, name)
                 grown = _pin(torch.empty(old.shape[0], cap, old.shape[2], dtype=old.dtype), self.device)
