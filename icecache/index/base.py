@@ -61,9 +61,10 @@ def check_keys(keys: torch.Tensor, name: str, head_dim: int, kv_heads: int | Non
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
-# These checks run on tiny tensors at every decode step of every layer: on the CPU, numpy on a shared view
-# costs a third of torch's per-op overhead.
+# These checks (and the runtime's one-token copies) run on tiny tensors at every decode step of every layer:
+# on the CPU, numpy on a shared view costs a third of torch's per-op overhead.
 def _host_view(values: torch.Tensor) -> np.ndarray | None:
+    """A numpy view of a CPU tensor numpy can hold (not bfloat16), else None."""
     if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64, torch.float16):
         return values.detach().numpy()
     return None

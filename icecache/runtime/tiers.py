@@ -9,16 +9,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..index.base import _host_view as _numpy_view  # numpy view of a CPU tensor numpy can hold, else None
 from ._host_kernels import forget_pages, logsumexp_logits
-
-
-def _numpy_view(t: torch.Tensor) -> np.ndarray | None:
-    """A numpy view of a CPU tensor numpy can hold (not bfloat16), else None. A copy of a token or two
-    through numpy costs a few microseconds, through torch's indexing about ten per call: it runs for
-    every layer at every decode step."""
-    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float16, torch.float64):
-        return t.detach().numpy()
-    return None
 
 
 def _pin(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -170,8 +162,9 @@ class DeviceTier:
         """Forget cached copies of pages whose contents changed in the index."""
         if not page_ids.numel():
             return
-        if self.slot_page.device.type == "cpu":  # every decode step: one compiled call, not three torch ops
-            forget_pages(self.slot_page.numpy(), page_ids.cpu().numpy())
+        arrays = self.arrays()
+        if arrays is not None:  # every decode step: one compiled call, not three torch ops
+            forget_pages(arrays.slot_page, page_ids.cpu().numpy())
             return
         stale = torch.isin(self.slot_page, page_ids.to(self.slot_page.device))
         self.slot_page[stale] = -1
