@@ -27,48 +27,69 @@ def _dot(a: np.ndarray, b: np.ndarray) -> float:
 
 @numba.njit(cache=True)
 def _split_projection(points: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """2-means on `points[idx]`; returns each point's projection on the centroid difference."""
+    """2-means on `points[idx]`; returns each point's projection on the centroid difference.
+
+    Written as scalar loops into a few preallocated rows: with array expressions every point and
+    iteration allocated temporaries, which cost most of a decode-time leaf split (17 points)."""
     m, d = idx.shape[0], points.shape[1]
     mean = np.zeros(d, np.float64)
     for i in range(m):
-        mean += points[idx[i]]
-    mean /= m
+        for j in range(d):
+            mean[j] += points[idx[i], j]
+    for j in range(d):
+        mean[j] /= m
     # initial direction: power iteration on the centred points (their main spread)
     direction = np.ones(d, np.float64)
+    new = np.empty(d, np.float64)
     for _ in range(_POWER_ITERS):
-        new = np.zeros(d, np.float64)
+        new[:] = 0.0
         for i in range(m):
-            c = points[idx[i]] - mean
-            new += c * _dot(c, direction)
+            along = 0.0
+            for j in range(d):
+                along += (points[idx[i], j] - mean[j]) * direction[j]
+            for j in range(d):
+                new[j] += (points[idx[i], j] - mean[j]) * along
         norm = np.sqrt(_dot(new, new))
         if norm < 1e-12:
             break
-        direction = new / norm
+        for j in range(d):
+            direction[j] = new[j] / norm
     side = np.empty(m, np.bool_)
     for i in range(m):
-        side[i] = _dot(points[idx[i]] - mean, direction) > 0
+        along = 0.0
+        for j in range(d):
+            along += (points[idx[i], j] - mean[j]) * direction[j]
+        side[i] = along > 0
     c0 = mean.copy()
     c1 = mean.copy()
     for _ in range(_LLOYD_ITERS):
-        s0 = np.zeros(d, np.float64)
-        s1 = np.zeros(d, np.float64)
         n0 = 0
         n1 = 0
         for i in range(m):
-            if side[i]:
-                s1 += points[idx[i]]
-                n1 += 1
-            else:
-                s0 += points[idx[i]]
-                n0 += 1
+            n1 += side[i]
+        n0 = m - n1
         if n0 == 0 or n1 == 0:
             break
-        c0 = s0 / n0
-        c1 = s1 / n1
+        c0[:] = 0.0
+        c1[:] = 0.0
         for i in range(m):
-            p = points[idx[i]]
-            side[i] = np.sum((p - c1) ** 2) < np.sum((p - c0) ** 2)
-    diff = c1 - c0
+            target = c1 if side[i] else c0
+            for j in range(d):
+                target[j] += points[idx[i], j]
+        for j in range(d):
+            c0[j] /= n0
+            c1[j] /= n1
+        for i in range(m):
+            d0 = 0.0
+            d1 = 0.0
+            for j in range(d):
+                p = np.float64(points[idx[i], j])
+                d0 += (p - c0[j]) ** 2
+                d1 += (p - c1[j]) ** 2
+            side[i] = d1 < d0
+    diff = np.empty(d, np.float64)
+    for j in range(d):
+        diff[j] = c1[j] - c0[j]
     if _dot(diff, diff) < 1e-20:
         diff = direction
     proj = np.empty(m, np.float64)
@@ -173,9 +194,10 @@ def insert_tokens(new_keys, start, table, fill, sums, centroids, page_keys, n_pa
             for p in range(n_pages[h]):
                 if fill[h, p] == 0:
                     continue
-                # one division per page, not per dimension: routing runs every decode step of every layer
-                inv = 1.0 / fill[h, p]
-                dist = 0.0
+                # float32 throughout, one division per page: routing runs every decode step of every
+                # layer, and a float64 accumulator kept the loop from vectorizing (2x slower at 8k)
+                inv = np.float32(1.0) / np.float32(fill[h, p])
+                dist = np.float32(0.0)
                 for j in range(dim):
                     diff = sums[h, p, j] * inv - point[j]
                     dist += diff * diff
