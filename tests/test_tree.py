@@ -195,6 +195,31 @@ def test_span_lead_starts_a_run_just_before_the_hot_token():
         icecache.get_index("tree", head_dim=8, span_lead=-1)
 
 
+def test_span_reach_takes_the_next_cell_when_the_hot_token_ends_its_cell():
+    # hot token 206 leaves 1 token after it in its cell 192..207: with span_reach=8 its run is two cells,
+    # 192..223, so the tokens after it stay in token order; 292 (11 tokens left in its cell) keeps one
+    # cell; 463 ends its cell and takes 464..479 too. The extra cells come on top of span_pages (runs)
+    keys = torch.zeros(1, 512, 8)
+    keys[0, 206, 0] = 5.0
+    keys[0, 292, 1] = 4.0
+    keys[0, 463, 2] = 3.0
+    queries = torch.zeros(1, 1, 8)
+    queries[0, 0, :3] = 3.0
+    reach = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=0, span_pages=3, span_reach=8)
+    reach.build(keys, BuildContext(queries))
+    assert reach.page_table[0, :2].flatten().tolist() == list(range(192, 224))
+    assert reach.page_table[0, 2].tolist() == list(range(288, 304))
+    assert reach.page_table[0, 3:5].flatten().tolist() == list(range(448, 480))
+    assert reach._pinned == 5  # every span page is rescored
+    table = reach.page_table[0].flatten()
+    assert sorted(table[table >= 0].tolist()) == list(range(512))  # every token still exactly once
+    grid = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=0, span_pages=3)
+    grid.build(keys, BuildContext(queries))
+    assert grid.page_table[0, 0].tolist() == list(range(192, 208)) and grid._pinned == 3
+    with pytest.raises(ValueError, match="span_reach"):
+        icecache.get_index("tree", head_dim=8, span_reach=-1)
+
+
 def test_span_pages_come_first_in_token_order_then_the_profile_tiers():
     g = torch.Generator().manual_seed(3)
     keys = 0.1 * torch.randn(1, 512, 8, generator=g)

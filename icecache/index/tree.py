@@ -117,6 +117,7 @@ class TreeOptions(IndexOptions):
     span_pages: int = 4
     span_queries: int = 1
     span_lead: int | None = None
+    span_reach: int = 0
     hot_layout: str = "profile"
 
     def check(self) -> None:
@@ -135,6 +136,7 @@ class TreeOptions(IndexOptions):
         self.require_int("span_pages", 0)
         self.require_int("span_queries", 1)
         self.require_int("span_lead", 0, allow_none=True)
+        self.require_int("span_reach", 0)
         self.require_choice("hot_layout", ("profile", "spans"))
 
 
@@ -187,6 +189,9 @@ class TreeIndex(TokenIndex):
         span_lead: None (default): a span page is the page-grid cell holding its hot token. An int: the
             `page_size` tokens from `span_lead` before the hot token on (less any an earlier span took), so
             what follows the token (a key's value) stays on its page even when the token ends its cell.
+        span_reach: with grid cells (`span_lead` None), a run whose hot token has fewer than `span_reach`
+            tokens after it in its cell takes the next cell too (a page on top of `span_pages`), so the
+            digits after a key's last word are not cut at a cell edge. Default 0 (one cell per run).
         hot_layout: "profile" (default): the first hot tier groups the hottest tokens by which prefill
             queries attend them. "spans": it becomes `hot_pages` more span pages instead (measured on
             Gemma 3, which spells numbers one digit per token, benchmarks/LONG_CONTEXT.md).
@@ -225,17 +230,21 @@ class TreeIndex(TokenIndex):
         spans, tiers = self._hot_layout(n // self.page_size) if queries is not None else (0, [])
         # always rescored: the span pages and the first profile tier (`hot_pages`), whose centroids say little
         first_tier = tiers[0] if tiers and self.options.hot_layout == "profile" else 0
-        self._pinned = spans + first_tier if self.options.rescore_hot_tier else 0
+        span_pages = 0  # the most span pages a head laid out (a run can take a second page: `span_reach`)
         for h in range(kv_heads):
             group_starts = []
             for tokens, features in self._layout_groups(h, keys[h], aug[h], context, spans, tiers):
                 # features None: the group is already in its page order (token-order spans)
                 order = (torch.arange(tokens.numel()) if features is None else
                          tree_pages(features, self.page_size, self.options.branching, self.options.depth, seed=h))
+                if features is None:
+                    span_pages = max(span_pages, -(-tokens.numel() // self.page_size))
                 group_starts.append(int(self._pages[h]))
                 self._append_pages(h, tokens[order], aug[h])
             build_nodes(h, np.array(group_starts, dtype=np.int64), int(self._pages[h]), self._fill.numpy(),
                         self._page_keys.numpy(), self._nodes)
+        # a head with fewer span pages also rescores the first pages after its first tier: a few candidates more
+        self._pinned = span_pages + first_tier if self.options.rescore_hot_tier else 0
 
     def _alloc_nodes(self, kv_heads: int, page_cap: int, d: int) -> None:
         """The node hierarchy (`_tree_nodes`): a root, one subtree per layout group, leaves = pages."""
@@ -288,22 +297,27 @@ class TreeIndex(TokenIndex):
         return groups
 
     def _span_runs(self, order: torch.Tensor, n: int, count: int) -> torch.Tensor:
-        """`[count * page_size]` positions: a token-order run for each of the hottest tokens in `order` not
-        yet covered, -1 where a run is short. With `span_lead` None, the grid page holding the token;
-        else the `page_size` tokens from `span_lead` before it on (what follows a needle's key is its
-        value), less any a previous run took."""
-        ps, lead = self.page_size, self.options.span_lead
+        """Token-order runs of whole pages for the `count` hottest tokens in `order` not yet covered
+        (positions, -1 where a run is short). With `span_lead` None, the grid page holding the token, and
+        the next one too when fewer than `span_reach` tokens follow it in its page; else the `page_size`
+        tokens from `span_lead` before it on (what follows a needle's key is its value), less any a
+        previous run took."""
+        ps, lead, reach = self.page_size, self.options.span_lead, self.options.span_reach
         runs, taken = [], torch.zeros(n, dtype=torch.bool)
         for t in order.tolist():
             if len(runs) == count:
                 break
             if taken[t]:  # covered by an earlier run: no run of its own
                 continue
-            first = t // ps * ps if lead is None else min(max(t - lead, 0), max(n - ps, 0))
-            run = torch.arange(first, min(first + ps, n))
+            if lead is None:
+                first = t // ps * ps
+                cells = 2 if first + ps - 1 - t < reach else 1
+            else:
+                first, cells = min(max(t - lead, 0), max(n - ps, 0)), 1
+            run = torch.arange(first, min(first + cells * ps, n))
             run = run[~taken[run]]
             taken[run] = True
-            runs.append(torch.nn.functional.pad(run, (0, ps - run.numel()), value=-1))
+            runs.append(torch.nn.functional.pad(run, (0, -(-run.numel() // ps) * ps - run.numel()), value=-1))
         return torch.cat(runs) if runs else torch.empty(0, dtype=torch.long)
 
     def _append_pages(self, h: int, tokens: torch.Tensor, aug: torch.Tensor) -> None:
