@@ -182,7 +182,7 @@ def test_span_lead_starts_a_run_just_before_the_hot_token():
     keys[0, 300, 1] = 4.0
     queries = torch.zeros(1, 1, 8)
     queries[0, 0, 0] = queries[0, 0, 1] = 3.0
-    grid = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=0, span_pages=2)
+    grid = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=0, span_pages=2, span_reach=0)
     grid.build(keys, BuildContext(queries))
     assert grid.page_table[0, 0].tolist() == list(range(192, 208))
     lead = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=0, span_pages=2, span_lead=2)
@@ -213,7 +213,7 @@ def test_span_reach_takes_the_next_cell_when_the_hot_token_ends_its_cell():
     assert reach._pinned == 5  # every span page is rescored
     table = reach.page_table[0].flatten()
     assert sorted(table[table >= 0].tolist()) == list(range(512))  # every token still exactly once
-    grid = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=0, span_pages=3)
+    grid = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=0, span_pages=3, span_reach=0)
     grid.build(keys, BuildContext(queries))
     assert grid.page_table[0, 0].tolist() == list(range(192, 208)) and grid._pinned == 3
     with pytest.raises(ValueError, match="span_reach"):
@@ -227,7 +227,8 @@ def test_span_pages_come_first_in_token_order_then_the_profile_tiers():
     keys[0, torch.arange(5, 512, 31), 0] += 3.0  # scattered tokens it reads less
     queries = torch.zeros(1, 1, 8)
     queries[0, 0, 0] = 3.0
-    index = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=1, hot_tiers=1, span_pages=1)
+    index = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=1, hot_tiers=1, span_pages=1,
+                             span_reach=0)  # one cell per run (span_reach: its own test)
     index.build(keys, BuildContext(queries))
     assert index.page_table[0, 0].tolist() == list(range(192, 208))  # the needle's own page, in order
     assert set(index.page_table[0, 1].tolist()) <= set(range(5, 512, 31))  # then the hottest tokens left
