@@ -63,7 +63,6 @@ def _split_projection(points: np.ndarray, idx: np.ndarray) -> np.ndarray:
     c0 = mean.copy()
     c1 = mean.copy()
     for _ in range(_LLOYD_ITERS):
-        n0 = 0
         n1 = 0
         for i in range(m):
             n1 += side[i]

@@ -321,7 +321,7 @@ class TreeIndex(TokenIndex):
             run = torch.arange(first, min(first + cells * ps, n))
             run = run[~taken[run]]
             taken[run] = True
-            runs.append(torch.nn.functional.pad(run, (0, -(-run.numel() // ps) * ps - run.numel()), value=-1))
+            runs.append(torch.nn.functional.pad(run, (0, -run.numel() % ps), value=-1))  # whole pages
         return torch.cat(runs) if runs else torch.empty(0, dtype=torch.long)
 
     def _append_pages(self, h: int, tokens: torch.Tensor, aug: torch.Tensor) -> None:
