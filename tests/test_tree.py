@@ -281,10 +281,11 @@ def test_tree_finds_the_planted_key():
 
 
 def reference_masses(index, queries: torch.Tensor, max_pages: int, resident_lse=None,
-                     scale: float = 0.3) -> list[dict[int, float]]:
+                         scale: float = 0.3, peak: bool = False) -> list[dict[int, float]]:
     """The tree's search written as plain torch ops: per head, the attention mass of every candidate page
     (centroid ranking plus the best others by the bound `q . c + |q| r`, then an exact softmax per query head over the candidates' tokens and, through
-    `resident_lse`, the resident ones)."""
+    `resident_lse`, the resident ones); with `peak`, each candidate's most probable token instead (over the
+    group's query heads)."""
     table, n_pages = index.page_table, index.num_pages
     pinned = index._pinned  # the first hot tier: always candidates
     n_cand = min(n_pages, max(max_pages * index.options.candidate_factor, index.options.min_candidates) + pinned)
@@ -312,8 +313,11 @@ def reference_masses(index, queries: torch.Tensor, max_pages: int, resident_lse=
         if resident_lse is not None:
             lse = torch.logaddexp(lse, resident_lse[h])
         probs = torch.exp(logits - lse.unsqueeze(-1))
-        mass = probs.sum(0).view(cand.numel(), -1).sum(-1)
-        out.append(dict(zip(cand.tolist(), mass.tolist())))
+        if peak:
+            score = probs.amax(0).view(cand.numel(), -1).amax(-1)
+        else:
+            score = probs.sum(0).view(cand.numel(), -1).sum(-1)
+        out.append(dict(zip(cand.tolist(), score.tolist())))
     return out
 
 
@@ -340,6 +344,31 @@ def test_compiled_search_matches_the_torch_reference(seed, n, inserts, max_pages
         got = sorted((expected[h][p] for p in chosen), reverse=True)
         best = sorted(expected[h].values(), reverse=True)[: len(chosen)]
         assert got == pytest.approx(best, rel=1e-4, abs=1e-6)
+
+
+@given(seed=st.integers(0, 1000), n=st.integers(1, 400), max_pages=st.integers(1, 6), peak_pages=st.integers(1, 3),
+       group=st.integers(1, 4))
+def test_peak_pages_come_first_then_pages_by_mass(seed, n, max_pages, peak_pages, group):
+    g = torch.Generator().manual_seed(seed)
+    index = icecache.get_index("tree", head_dim=8, page_size=4, min_candidates=3, candidate_factor=2,
+                               peak_pages=peak_pages)
+    index.build(3 * torch.randn(2, n, 8, generator=g), BuildContext(torch.randn(2, 5, 8, generator=g)))
+    queries = torch.randn(2, group, 8, generator=g)
+    resident_lse = torch.randn(2, group, generator=g)
+    pages = index.search(queries, max_pages, SearchContext(resident_lse, scale=0.3))
+    peaks = reference_masses(index, queries, max_pages, resident_lse, scale=0.3, peak=True)
+    masses = reference_masses(index, queries, max_pages, resident_lse, scale=0.3)
+    for h in range(2):
+        chosen = pages[h][pages[h] >= 0].tolist()
+        lead = min(peak_pages, len(chosen))
+        assert len(set(chosen)) == len(chosen) == min(max_pages, len(peaks[h]))
+        # up to ties: the first `peak_pages` hold the most probable single tokens, the rest the most mass of
+        # what is left
+        got = [peaks[h][p] for p in chosen[:lead]]
+        assert got == pytest.approx(sorted(peaks[h].values(), reverse=True)[:lead], rel=1e-4, abs=1e-6)
+        rest = {p: m for p, m in masses[h].items() if p not in chosen[:lead]}
+        got = sorted((rest[p] for p in chosen[lead:]), reverse=True)
+        assert got == pytest.approx(sorted(rest.values(), reverse=True)[: len(got)], rel=1e-4, abs=1e-6)
 
 
 def node_walk(index, h):

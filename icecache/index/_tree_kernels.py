@@ -308,10 +308,13 @@ def _exp_nonpositive(x: np.ndarray, bits: np.ndarray) -> None:
 
 
 @numba.njit(cache=True, fastmath=_FAST)
-def _rescore(q, h, cand, n_cand, fill, page_keys, scale, resident_lse, logits, bits, top, mass, out):
+def _rescore(q, h, cand, n_cand, fill, page_keys, scale, resident_lse, logits, bits, top, mass, peak, peak_pages,
+             out):
     """Scores the tokens of the candidate pages `cand[:n_cand]` exactly (a softmax per query head over them
     plus the resident tokens) and writes into `out` the candidates holding the most attention mass,
-    summed over the group, best first; empty pages rank last."""
+    summed over the group, best first; empty pages rank last. With `peak_pages > 0`, the first
+    `peak_pages` of `out` are instead the candidates holding the most probable single tokens (`peak`
+    `[n_cand]` scratch: a page's best token probability over the group), the rest by mass."""
     group, dim = q.shape
     page_size = page_keys.shape[2]
     k = out.shape[0]
@@ -336,6 +339,7 @@ def _rescore(q, h, cand, n_cand, fill, page_keys, scale, resident_lse, logits, b
     # 2) softmax per query head over the candidate tokens (and the resident ones); mass per page, summed
     # over the group
     mass[:] = 0.0
+    peak[:] = 0.0
     for g in range(group):
         row = logits[g, : n_cand * page_size]
         for i in range(row.shape[0]):
@@ -347,15 +351,28 @@ def _rescore(q, h, cand, n_cand, fill, page_keys, scale, resident_lse, logits, b
         inv = 1.0 / total
         for c in range(n_cand):
             m = np.float32(0.0)
+            best = np.float32(0.0)
             for s in range(page_size):
                 m += row[c * page_size + s]
+                best = max(best, row[c * page_size + s])
             mass[c] += m * inv
+            peak[c] = max(peak[c], best * inv)
     for c in range(n_cand):
         if fill[h, cand[c]] == 0:
             mass[c] = -1.0  # empty pages last
-    best_idx = np.argsort(-mass[:n_cand])[:k]
-    for j in range(k):
-        out[j] = cand[best_idx[j]]
+            peak[c] = -1.0
+    taken = 0
+    if peak_pages > 0:
+        # the pages of the single most probable tokens first: a copy step needs its one next token, which
+        # a page of many moderately attended tokens can outweigh in mass
+        by_peak = np.argsort(-peak[:n_cand])[: min(peak_pages, k)]
+        for c in by_peak:
+            out[taken] = cand[c]
+            mass[c] = -2.0  # taken: below every other page
+            taken += 1
+    best_idx = np.argsort(-mass[:n_cand])[: k - taken]
+    for j in range(k - taken):
+        out[taken + j] = cand[best_idx[j]]
 
 
 @numba.njit(cache=True, fastmath=_FAST)
@@ -370,7 +387,7 @@ def _best_of_group(partial, fill, n_pages, empty, score):
 
 @numba.njit(cache=True, fastmath=_FAST)
 def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages, scale, resident_lse, pinned,
-                 page_node, radii, n_bound):
+                 page_node, radii, n_bound, peak_pages):
     """The tree's search for every KV head in one compiled pass (`TreeIndex._search`).
 
     queries `[kv, g, d]`; centroids `[kv, d, cap]` (bfloat16 bits); fill `[kv, cap]` (a page's tokens sit
@@ -381,7 +398,7 @@ def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages
     hierarchy: `page_node` `[kv, cap]`, `radii` `[kv, nodes]`), rescores their tokens exactly (a softmax per query head
     over the candidates' tokens plus the resident tokens, whose log-sum-exp `resident_lse` `[kv, g]` the
     runtime gives, -inf for none), and returns the `min(max_pages, n_cand)` candidates holding the most attention mass, best
-    first, `[kv, k]` int64. Empty pages rank last. Inner loops run along contiguous memory (pages in
+    first (after the `peak_pages` holding the most probable single tokens, see `_rescore`), `[kv, k]` int64. Empty pages rank last. Inner loops run along contiguous memory (pages in
     step 1, a key's dimensions in step 2, candidate tokens in step 3), so they vectorise.
     """
     kv_heads, group, dim = queries.shape
@@ -395,6 +412,7 @@ def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages
     bits = np.empty(n_cand * page_size, np.int32)
     top = np.empty(group, np.float32)
     mass = np.empty(n_cand, np.float64)
+    peak = np.empty(n_cand, np.float32)
     n_centroid = n_cand - n_bound
     cand = np.empty(n_cand, np.int64)
     for h in range(kv_heads):
@@ -429,12 +447,14 @@ def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages
             for i in range(n_centroid):
                 score[cand[i]] = -np.inf  # already a candidate
             cand[n_centroid:] = _top_indices(score, n_bound)
-        _rescore(q, h, cand, n_cand, fill, page_keys, scale, resident_lse, logits, bits, top, mass, out[h])
+        _rescore(q, h, cand, n_cand, fill, page_keys, scale, resident_lse, logits, bits, top, mass, peak, peak_pages,
+                 out[h])
     return out
 
 
 @numba.njit(cache=True)
-def search_pages_descent(queries, nodes, fill, page_keys, n_pages, n_cand, max_pages, scale, resident_lse, pinned):
+def search_pages_descent(queries, nodes, fill, page_keys, n_pages, n_cand, max_pages, scale, resident_lse, pinned,
+                         peak_pages):
     """`search_pages` with the candidates found by a best-first descent of the node hierarchy
     (`_tree_nodes.descend`: the same top-`n_cand` leaves by centroid score, found without scoring the
     subtrees whose bound cannot reach them) instead of a scan of every leaf. Returns the pages `[kv, k]`
@@ -452,6 +472,7 @@ def search_pages_descent(queries, nodes, fill, page_keys, n_pages, n_cand, max_p
     bits = np.empty(n_cand * page_size, np.int32)
     top = np.empty(group, np.float32)
     mass = np.empty(n_cand, np.float64)
+    peak = np.empty(n_cand, np.float32)
     scored_total = 0
     for h in range(kv_heads):
         q = queries[h]
@@ -477,5 +498,6 @@ def search_pages_descent(queries, nodes, fill, page_keys, n_pages, n_cand, max_p
                 cand[found] = p
                 found += 1
             p += 1
-        _rescore(q, h, cand, found, fill, page_keys, scale, resident_lse, logits, bits, top, mass, out[h])
+        _rescore(q, h, cand, found, fill, page_keys, scale, resident_lse, logits, bits, top, mass, peak, peak_pages,
+                 out[h])
     return out, scored_total

@@ -118,6 +118,7 @@ class TreeOptions(IndexOptions):
     span_queries: int = 1
     span_lead: int | None = None
     span_reach: int = 8
+    peak_pages: int = 0
     hot_layout: str = "profile"
 
     def check(self) -> None:
@@ -137,6 +138,7 @@ class TreeOptions(IndexOptions):
         self.require_int("span_queries", 1)
         self.require_int("span_lead", 0, allow_none=True)
         self.require_int("span_reach", 0)
+        self.require_int("peak_pages", 0)
         self.require_choice("hot_layout", ("profile", "spans"))
 
 
@@ -196,6 +198,10 @@ class TreeIndex(TokenIndex):
             digit per token) the tree wrote `7050` for `70503` when the key ended its cell; on 13 replayed
             16k questions budget 256 answered 13 with it against 7, and SmolLM2's 4k suite kept 0.69 / 1.00 /
             1.00 of full KV's answers at budgets 64 / 128 / 256 against 0.73 / 0.92 / 0.92 (RESULTS.md).
+        peak_pages: the first `peak_pages` selected pages are the candidates holding the most probable
+            single tokens (a page's best token, over the group's query heads), the rest go by attention
+            mass. A copy step needs its one next token, which a page of many moderately attended tokens
+            can outweigh in mass. Default 0: every page by mass.
         hot_layout: "profile" (default): the first hot tier groups the hottest tokens by which prefill
             queries attend them. "spans": it becomes `hot_pages` more span pages instead (measured on
             Gemma 3, which spells numbers one digit per token, benchmarks/LONG_CONTEXT.md).
@@ -418,11 +424,12 @@ class TreeIndex(TokenIndex):
         arrays = self._arrays()
         if self.options.search == "descent":
             best, self._last_scored = search_pages_descent(q, self._nodes, arrays.fill, arrays.page_keys, pages,
-                                                           n_cand, max_pages, scale, lse, self._pinned)
+                                                           n_cand, max_pages, scale, lse, self._pinned,
+                                                           self.options.peak_pages)
         else:
             best = search_pages(q, arrays.centroid_bits, arrays.fill, arrays.page_keys, pages,
                                 n_cand, max_pages, scale, lse, self._pinned, self._nodes.page_node,
-                                self._nodes.radii, n_bound)
+                                self._nodes.radii, n_bound, self.options.peak_pages)
             self._last_scored = self.kv_heads * pages
         self._last_rescored = n_cand * self.page_size
         return torch.from_numpy(best).to(queries.device)
