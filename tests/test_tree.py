@@ -281,7 +281,7 @@ def test_tree_finds_the_planted_key():
 
 
 def reference_masses(index, queries: torch.Tensor, max_pages: int, resident_lse=None,
-                         scale: float = 0.3, peak: bool = False) -> list[dict[int, float]]:
+                     scale: float = 0.3, peak: bool = False) -> list[dict[int, float]]:
     """The tree's search written as plain torch ops: per head, the attention mass of every candidate page
     (centroid ranking plus the best others by the bound `q . c + |q| r`, then an exact softmax per query head over the candidates' tokens and, through
     `resident_lse`, the resident ones); with `peak`, each candidate's most probable token instead (over the

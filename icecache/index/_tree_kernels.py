@@ -361,15 +361,18 @@ def _rescore(q, h, cand, n_cand, fill, page_keys, scale, resident_lse, logits, b
         if fill[h, cand[c]] == 0:
             mass[c] = -1.0  # empty pages last
             peak[c] = -1.0
-    taken = 0
-    if peak_pages > 0:
-        # the pages of the single most probable tokens first: a copy step needs its one next token, which
-        # a page of many moderately attended tokens can outweigh in mass
-        by_peak = np.argsort(-peak[:n_cand])[: min(peak_pages, k)]
-        for c in by_peak:
-            out[taken] = cand[c]
-            mass[c] = -2.0  # taken: below every other page
-            taken += 1
+    # the pages of the single most probable tokens first: a copy step needs its one next token, which a page
+    # of many moderately attended tokens can outweigh in mass (a scan per page taken, not a sort: per step,
+    # layer and head)
+    taken = min(peak_pages, k)
+    for t in range(taken):
+        best_c = 0
+        for c in range(1, n_cand):
+            if peak[c] > peak[best_c]:
+                best_c = c
+        out[t] = cand[best_c]
+        peak[best_c] = -np.inf
+        mass[best_c] = -2.0  # taken: below every other page
     best_idx = np.argsort(-mass[:n_cand])[: k - taken]
     for j in range(k - taken):
         out[taken + j] = cand[best_idx[j]]
@@ -397,8 +400,9 @@ def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages
     and the best `n_bound` others by `max_g q_g . c + |q_g| r` (leaf centre and radius from the node
     hierarchy: `page_node` `[kv, cap]`, `radii` `[kv, nodes]`), rescores their tokens exactly (a softmax per query head
     over the candidates' tokens plus the resident tokens, whose log-sum-exp `resident_lse` `[kv, g]` the
-    runtime gives, -inf for none), and returns the `min(max_pages, n_cand)` candidates holding the most attention mass, best
-    first (after the `peak_pages` holding the most probable single tokens, see `_rescore`), `[kv, k]` int64. Empty pages rank last. Inner loops run along contiguous memory (pages in
+    runtime gives, -inf for none), and returns the `min(max_pages, n_cand)` candidates holding the most
+    attention mass, best first (after the `peak_pages` holding the most probable single tokens, see
+    `_rescore`), `[kv, k]` int64. Empty pages rank last. Inner loops run along contiguous memory (pages in
     step 1, a key's dimensions in step 2, candidate tokens in step 3), so they vectorise.
     """
     kv_heads, group, dim = queries.shape

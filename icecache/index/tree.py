@@ -25,9 +25,9 @@ by position or attention, not by key, so their centroids say little about them) 
 pages ranked by the bound on their best token (`q . c + |q| r`: a page whose centroid is unremarkable can
 still hold one token the step needs), scores their tokens exactly and returns first the page holding
 the most probable single token (`peak_pages`), then the pages holding the most attention mass (each
-query head's softmax also counting the resident sink and window, through the runtime's `resident_lse`). `search="descent"` finds the same candidates by a best-first descent
-from the root that skips subtrees whose bound cannot reach them; on the model's real 64-dimensional keys
-the bound prunes almost nothing at 8k (the descent scored 99.9% of the nodes and took 2.5x the scan's
+query head's softmax also counting the resident sink and window, through the runtime's `resident_lse`).
+`search="descent"` finds the same candidates by a best-first descent from the root that skips subtrees
+whose bound cannot reach them; on the model's real 64-dimensional keys the bound prunes almost nothing at 8k (the descent scored 99.9% of the nodes and took 2.5x the scan's
 time, benchmarks/RESULTS.md), so the scan stays the default. Insert routes a token to the leaf with the
 nearest centroid; a full leaf splits in two by 2-means (one half keeps the page id, the other gets a new
 page and a new leaf under the same parent), and the nodes above count the key, their radii kept valid
