@@ -77,6 +77,12 @@ def test_latency_bench_accounts_every_phase_per_batch(smollm, tmp_path):
         else:
             assert r["model_ms"] == pytest.approx(r["step_ms"])
         assert r["tokens_per_s"] == pytest.approx(r["batch"] * 1e3 / r["step_ms"])
+        # the methods ran in turn twice from fresh caches; each row keeps its fastest pass, ratios against
+        # full KV's fastest
+        assert len(r["step_ms_passes"]) == 2 and r["step_ms"] == pytest.approx(min(r["step_ms_passes"]))
+        full = next(f for f in rows if f["method"] in ("full KV", "floor (full KV)") and f["batch"] == r["batch"]
+                    and f["context"] == r["context"])
+        assert r["ratio"] == pytest.approx(r["step_ms"] / full["step_ms"])
     assert "other ms" in format_latency(result) and "model ms" in format_latency(result)
     plot_latency(result, tmp_path / "latency.png")
     assert (tmp_path / "latency.png").stat().st_size > 0

@@ -102,7 +102,7 @@ def _latency(args: argparse.Namespace) -> int:
         model = random_model(args.model.removeprefix("random-"), device, dtype)
     result = run_latency(model, tokenizer, contexts=args.contexts, indexes=args.indexes, budget=args.budget,
                          steps=args.steps, runtime_options={"select_every": args.select_every},
-                         batches=args.batch)
+                         batches=args.batch, passes=args.passes)
     result["settings"].update(model=args.model, dtype=args.dtype)
     return _finish(args, "latency", result, start, format_latency(result), plot_latency)
 
@@ -180,6 +180,8 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     latency.add_argument("--budget", type=int, default=256)
     latency.add_argument("--steps", type=int, default=16)
     latency.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes (copies of one prompt)")
+    latency.add_argument("--passes", type=int, default=2,
+                         help="times each method runs, in turn; a row keeps its method's fastest pass")
     latency.add_argument("--select-every", type=int, default=1,
                          help="layers sharing one page selection (IceCache(r) layer reuse)")
     _add_model_option(latency, extra=("random-smollm2-135m", "random-llama-8b"))
