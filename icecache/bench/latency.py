@@ -123,8 +123,8 @@ def run_latency(model, tokenizer, contexts=(1024, 2048, 4096, 8192), indexes=Non
 
     The methods run in turn `passes` times (full KV, then each index, then again), each from a fresh cache,
     and each row keeps its method's fastest pass (`step_ms_passes` lists them all): on the CPU, full KV's
-    step at 8k varied between 111 and 166 ms from one pass to the next with the allocator's state (its
-    cache grows by a new tensor per layer and step), so one pass per method can favour either side.
+    step at 8k, batch 16, took 2676 ms in one pass and 1155 ms in the next (its cache grows by a new tensor
+    per layer and step, at the allocator's mercy), so one pass per method can favour either side.
     """
     indexes = list(indexes or available_indexes())
     runtime_options = runtime_options or {}
@@ -254,9 +254,10 @@ def render_latency(results: list[dict], plot: str | None = "latency/latency.png"
         "",
         "Milliseconds per decode step of the whole model, after warm-up steps, full KV and every index timed "
         "the same way, back to back after one shared prefill per context; runs with `--passes N` time the "
-        "methods in turn N times, each from a fresh cache, and each row keeps its method's fastest pass (on "
-        "this CPU full KV's step at 8k moved between 111 and 166 ms from pass to pass with the allocator's "
-        "state: its cache grows by a new tensor per layer and step). A sparse row's step splits into the "
+        "methods in turn N times, each from a fresh cache, and each row keeps its method's fastest pass "
+        "(`step_ms_passes` in the JSON keeps every pass: on this CPU a full-KV step can take twice as long in "
+        "one pass as in the next, with the allocator's state, as its cache grows by a new tensor per layer and "
+        "step). A sparse row's step splits into the "
         "sparse layers' phases (admit: window write and index insert; search; transfer: slot assignment and "
         "page loads; attention), `other` (the sparse layers' work between the phases: the runtime's own "
         "overhead) and `model` (the rest: projections, MLPs, dense layers, LM head); the six add up to the "
