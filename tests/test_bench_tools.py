@@ -158,3 +158,10 @@ def test_latency_tables_are_rendered_from_the_committed_json():
             if r.get("search_ms") is not None:
                 parts = ("admit_ms", "search_ms", "transfer_ms", "attention_ms", "other_ms", "model_ms")
                 assert sum(r[p] for p in parts) == pytest.approx(r["step_ms"])
+
+
+def test_latency_bench_names_a_bad_pass_count():
+    from icecache.bench.latency import run_latency
+
+    with pytest.raises(ValueError, match="passes must be a positive int"):
+        run_latency(None, None, passes=0)

@@ -77,6 +77,15 @@ def _row(context: int, batch: int, method: str, step: float, full_step: float, *
             "tokens_per_s": batch / step, **extra}
 
 
+def _time_full(model, base, tokens: torch.Tensor, steps: int, warmup: int) -> tuple[float, int]:
+    """One timed pass of full KV from a fresh copy of the shared prefill `base`: seconds per step and the
+    cache's K/V bytes (the copy is freed on return: a batch of 16 at 8k holds GBs)."""
+    full = full_kv_copy(base)
+    full.batch_repeat_interleave(tokens.shape[0])
+    step = _time_decode(model, full, tokens, steps, warmup)
+    return step, sum(l.keys.numel() * l.keys.element_size() * 2 for l in full.layers)
+
+
 def _time_index(model, base, tokens: torch.Tensor, name: str, budget: int, runtime_options: dict, steps: int,
                 warmup: int, build_ms: float) -> tuple[float, dict]:
     """One timed pass of index `name` from a fresh cache over the shared prefill `base` (batch = rows of
@@ -126,6 +135,8 @@ def run_latency(model, tokenizer, contexts=(1024, 2048, 4096, 8192), indexes=Non
     step at 8k, batch 16, took 2676 ms in one pass and 1155 ms in the next (its cache grows by a new tensor
     per layer and step, at the allocator's mercy), so one pass per method can favour either side.
     """
+    if not isinstance(passes, int) or passes < 1:
+        raise ValueError(f"passes must be a positive int, got {passes!r}")
     indexes = list(indexes or available_indexes())
     runtime_options = runtime_options or {}
     device = next(model.parameters()).device
@@ -135,9 +146,7 @@ def run_latency(model, tokenizer, contexts=(1024, 2048, 4096, 8192), indexes=Non
         base, first = shared_prefill(model, prompt_ids(tokenizer, floor_context, prose).to(device), budget)
         times = []
         for _ in range(passes):
-            full = full_kv_copy(base)
-            full.batch_repeat_interleave(batch)
-            times.append(_time_decode(model, full, first.repeat(batch, 1), steps, warmup))
+            times.append(_time_full(model, base, first.repeat(batch, 1), steps, warmup)[0])
             bar.update(1)
         floor = min(times)
         rows.append(_row(floor_context, batch, "floor (full KV)", floor, floor, model_ms=floor * 1e3,
@@ -154,11 +163,7 @@ def run_latency(model, tokenizer, contexts=(1024, 2048, 4096, 8192), indexes=Non
             tokens = first.repeat(batch, 1)
             passes_of: dict[str, list[tuple[float, dict]]] = {}
             for _ in range(passes):
-                full = full_kv_copy(base)
-                full.batch_repeat_interleave(batch)
-                full_step = _time_decode(model, full, tokens, steps, warmup)
-                full_bytes = sum(l.keys.numel() * l.keys.element_size() * 2 for l in full.layers)
-                del full  # a batch of 16 at 8k holds GBs: one cache alive at a time
+                full_step, full_bytes = _time_full(model, base, tokens, steps, warmup)
                 passes_of.setdefault(FULL, []).append((full_step, dict(
                     device_kv_mib=full_bytes / 2**20, sparse_layer_kv_ratio=1.0, model_ms=full_step * 1e3,
                     prefill_ms=prefill_attention)))
