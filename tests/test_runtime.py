@@ -166,3 +166,44 @@ def test_resident_logsumexp_skips_slots_not_written_yet():
     queries = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(7))
     expected = torch.logsumexp(torch.einsum("hgd,hnd->hgn", queries, keys) * 0.5, -1)
     assert torch.allclose(layer.tier.resident_logsumexp(queries, 0.5), expected, atol=1e-5)
+
+
+@given(ops=st.lists(st.one_of(st.tuples(st.just("update"), st.integers(1, 40)),
+                              st.tuples(st.just("crop"), st.integers(1, 5)),
+                              st.tuples(st.just("select"), st.integers(0, 1)),
+                              st.tuples(st.just("repeat"), st.integers(1, 2)),
+                              st.tuples(st.just("copy"), st.just(0))), min_size=1, max_size=25),
+       seed=st.integers(0, 1000))
+def test_dense_layers_grow_in_place_and_hold_what_transformers_would(ops, seed):
+    """IceCache's dense layers (`GrowingLayer`) hold and return exactly what transformers' `DynamicLayer` does
+    through appends, crops, batch reshuffles and copies (their buffers are adopted again after each)."""
+    import copy
+
+    from transformers.cache_utils import DynamicLayer
+
+    from icecache.runtime.cache import GrowingLayer
+
+    gen = torch.Generator().manual_seed(seed)
+    ours, theirs = GrowingLayer(), DynamicLayer()
+    batch = 2
+    for op, arg in ops:
+        if op == "update":
+            k, v = torch.randn(batch, 2, arg, 4, generator=gen), torch.randn(batch, 2, arg, 3, generator=gen)
+            got, want = ours.update(k, v), theirs.update(k, v)
+            assert all(torch.equal(g, w) for g, w in zip(got, want))
+        elif theirs.get_seq_length() == 0:
+            continue
+        elif op == "crop":
+            removed = -min(arg, theirs.get_seq_length() - 1)
+            ours.crop(removed), theirs.crop(removed)
+        elif op == "select":  # a beam-search reorder: same batch size, other rows
+            rows = torch.arange(batch).flip(0) if arg else torch.zeros(batch, dtype=torch.long)
+            ours.batch_select_indices(rows), theirs.batch_select_indices(rows)
+        elif op == "repeat":
+            ours.batch_repeat_interleave(arg), theirs.batch_repeat_interleave(arg)
+            batch *= arg
+        else:
+            ours = copy.deepcopy(ours)
+        assert ours.get_seq_length() == theirs.get_seq_length()
+        if theirs.get_seq_length():
+            assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
