@@ -72,7 +72,8 @@ def _tasks(args: argparse.Namespace) -> int:
     model, tokenizer = _load_model(args)
     result = run_tasks(model, tokenizer, kinds=args.kinds, contexts=args.contexts, depths=args.depths,
                        budgets=args.budgets, indexes=args.indexes, seed=args.seed, prose=_read_prose(args.prose),
-                       runtime_options={"select_every": args.select_every}, frame=_frame(args),
+                       runtime_options={"select_every": args.select_every, "sink": args.sink,
+                                        "window": args.window}, frame=_frame(args),
                        questions=args.questions, sources=args.sources)
     result["settings"]["model"] = args.model
     peers = Path(args.out) / "tasks_peers.json"
@@ -170,6 +171,8 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     tasks.add_argument("--prose", default=None, help="a text file to use instead of pydoc_data prose")
     tasks.add_argument("--select-every", type=int, default=1,
                        help="layers sharing one page selection (IceCache(r) layer reuse)")
+    tasks.add_argument("--sink", type=int, default=16, help="first tokens always attended (budget rule)")
+    tasks.add_argument("--window", type=int, default=32, help="most recent tokens always attended (budget rule)")
     tasks.add_argument("--out", default="results")
     _add_model_option(tasks)
     tasks.set_defaults(run=_tasks)
