@@ -137,6 +137,14 @@ def test_merged_task_runs_count_every_question_once():
     other["settings"]["budgets"] = [128]
     with pytest.raises(ValueError, match="budgets"):
         merge_runs([run(0, [True]), other])
+    older = run(500, [True])  # a run from before --sink / --window were recorded ran the default rule
+    older["settings"]["runtime_options"] = {"select_every": 1}
+    merge_runs([run(0, [True]), older])
+    window = run(500, [True])
+    window["settings"]["runtime_options"] = {"select_every": 1, "sink": 16, "window": 16}
+    with pytest.raises(ValueError, match="runtime_options"):
+        merge_runs([run(0, [True]), window])
+    assert "--window 16" in _command(window) and "--sink" not in _command(window)
 
 
 def test_latency_tables_are_rendered_from_the_committed_json():

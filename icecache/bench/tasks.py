@@ -102,6 +102,14 @@ def _question(record: dict) -> tuple:
     return record["kind"], record["context"], record["depth"], record.get("source", "pydoc"), record.get("seed")
 
 
+#: the runtime options a suite run records, as a run that recorded fewer ran them (budget rule, layer reuse)
+RULE_DEFAULTS = {"select_every": 1, "sink": 16, "window": 32}
+
+
+def _rule(settings: dict) -> dict:
+    return {**RULE_DEFAULTS, **(settings.get("runtime_options") or {})}
+
+
 def merge_runs(results: list[dict]) -> dict:
     """One suite run from several runs of the same kinds, contexts, budgets, model and framing with other
     seeds (more questions): their records together, the summary recomputed, `settings["seed"]` the list of
@@ -110,6 +118,8 @@ def merge_runs(results: list[dict]) -> dict:
     first = results[0]["settings"]
     for other in results[1:]:
         differ = [k for k in keys if other["settings"].get(k) != first.get(k)]
+        if _rule(other["settings"]) != _rule(first):
+            differ.append("runtime_options")
         if differ:
             raise ValueError(f"runs to merge must share {keys}; these differ: {differ}")
     seeds = [s for r in results for s in (r["settings"]["seed"] if isinstance(r["settings"]["seed"], list)
@@ -185,6 +195,7 @@ def _command(result: dict) -> str:
     if len(seeds) > 1 and s.get("questions"):  # merged runs (`merge_runs`): one command per seed, the questions split among them
         parts[parts.index(f"--questions {s['questions']}")] = f"--questions {s['questions'] // len(seeds)}"
     parts.append(f"--seed {' / '.join(map(str, seeds))}")
+    parts += [f"--{k.replace('_', '-')} {v}" for k, v in _rule(s).items() if v != RULE_DEFAULTS[k]]
     if s.get("model"):
         parts.append(f"--model {s['model']}")
     return " ".join(parts)
