@@ -159,8 +159,8 @@ class GrowingLayer(DynamicLayer):
     instead of concatenating: `DynamicLayer.update` allocates and copies the whole `[batch, kv_heads, tokens,
     head_dim]` K and V at every decode step (at 32k tokens on the CPU, 12-22 ms per layer and step against
     6-7 ms for the attention itself). `keys` / `values` are views of the first `tokens` positions of buffers
-    that grow by an eighth (at least 256 tokens); anything that replaces them (`crop`, batch reshuffles, a copy) is adopted at the
-    next update."""
+    that grow by an eighth (at least 256 tokens); whatever batch reshuffles or copies put in their place is
+    adopted at the next update."""
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -174,8 +174,9 @@ class GrowingLayer(DynamicLayer):
         length = self.get_seq_length()
         need = length + key_states.shape[-2]
         buffers = self._buffers
-        # our buffers hold the layer's tokens only while `keys` is still the view we handed out
-        ours = buffers is not None and self.keys is getattr(self, "_view", None)
+        # our buffers hold the layer's tokens only while `keys` still starts where they do (a crop keeps that;
+        # batch reshuffles and copies make new tensors)
+        ours = buffers is not None and self.keys.data_ptr() == buffers[0].data_ptr()
         if (not ours or need > buffers[0].shape[-2] or buffers[0].shape[:2] != key_states.shape[:2]
                 or buffers[0].dtype != key_states.dtype or buffers[1].shape[-1] != value_states.shape[-1]):
             capacity = need + max(need // 8, 256)  # decode steps append one token each
@@ -189,7 +190,6 @@ class GrowingLayer(DynamicLayer):
         buffers[0][:, :, length:need] = key_states
         buffers[1][:, :, length:need] = value_states
         self.keys, self.values = buffers[0][:, :, :need], buffers[1][:, :, :need]
-        self._view = self.keys
         return self.keys, self.values
 
 
