@@ -145,6 +145,12 @@ def test_merged_task_runs_count_every_question_once():
     with pytest.raises(ValueError, match="runtime_options"):
         merge_runs([run(0, [True]), window])
     assert "--window 16" in _command(window) and "--sink" not in _command(window)
+    # a run without --window took the budget's default window (16 at budget 64): not the older runs' 32
+    by_budget = run(700, [True])
+    by_budget["settings"]["runtime_options"] = {"select_every": 1, "sink": 16, "window": None}
+    with pytest.raises(ValueError, match="runtime_options"):
+        merge_runs([older, by_budget])
+    assert "--window" not in _command(by_budget) and "--window 32" in _command(older)
 
 
 def test_latency_tables_are_rendered_from_the_committed_json():

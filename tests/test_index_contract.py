@@ -156,10 +156,13 @@ def test_options_are_a_frozen_dataclass_checked_at_creation(name):
 
 
 def test_equal_options_make_equal_index_signatures():
-    a = icecache.IceRuntime(index="tree", budget=64, index_options={"span_pages": 2, "hot_pages": 4})
+    a = icecache.IceRuntime(index="tree", budget=128, index_options={"span_pages": 2, "hot_pages": 4})
     b = icecache.IceRuntime(index="tree", budget=256, index_options={"hot_pages": 4, "span_pages": 2})
     c = icecache.IceRuntime(index="tree", budget=256, index_options={"hot_pages": 4})
     assert a.index_signature == b.index_signature != c.index_signature
+    # budget 64's default window (16) leaves the index other tokens than 128's (32): not the same layout
+    small = icecache.IceRuntime(index="tree", budget=64, index_options={"span_pages": 2, "hot_pages": 4})
+    assert small.index_signature != a.index_signature
     # defaults spelled out are the defaults
     assert icecache.IceRuntime(index_options={"span_pages": 4}).index_signature == icecache.IceRuntime().index_signature
 

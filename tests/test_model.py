@@ -115,9 +115,10 @@ def test_seeding_from_a_cache_with_the_same_index_copies_it(smollm, prompt_ids):
     donor = icecache.IceRuntime(index="tree", budget=256).new_cache(model)
     with torch.no_grad():
         model(prompt_ids[:, :-1], cache=donor, logits_to_keep=1)
-    copied = icecache.IceRuntime(index="tree", budget=64).new_cache(model, prefill=donor)
-    rebuilt = icecache.IceRuntime(index="tree", budget=64, index_options={"hot_pages": 8}).new_cache(
-        model, prefill=donor)  # other options: a different signature, so it builds its own
+    copied = icecache.IceRuntime(index="tree", budget=128).new_cache(model, prefill=donor)  # same window: copied
+    rebuilt = icecache.IceRuntime(index="tree", budget=128).new_cache(model)
+    rebuilt.index_signature = None  # no signature to match: it builds its own indexes from the donor's tokens
+    rebuilt.seed_from(donor)
     for a, b in zip(copied.sparse_layers, donor.sparse_layers):
         assert a.index is not b.index and torch.equal(a.index.page_table, b.index.page_table)
     out_copied = model.generate(prompt_ids, cache=copied, max_new_tokens=6, do_sample=False)

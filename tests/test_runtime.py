@@ -111,9 +111,12 @@ def test_budget_rule_errors_name_the_argument():
         Budget(64, 16, 16, 0)
     with pytest.raises(TypeError, match="budget"):
         Budget(64.0, 16, 16, 32)
-    assert Budget(64).max_pages == 1 and Budget(256).max_pages == 13
+    # the window follows the budget unless given: 16 under 128 tokens (a second page at 64), else 32
+    assert Budget(64).window == 16 and Budget(64).max_pages == 2 and Budget(64, window=32).max_pages == 1
+    assert Budget(127).window == 16 and Budget(128).window == 32 and Budget(256).max_pages == 13
+    assert icecache.IceRuntime(index="exact", budget=64).budget.window == 16
     with pytest.raises(ValueError, match="budget"):
-        icecache.IceRuntime(index="exact", budget=32)
+        icecache.IceRuntime(index="exact", budget=24)
 
 
 def test_runtime_rejects_unknown_indexes_and_accepts_every_registered_one():

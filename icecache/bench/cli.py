@@ -172,7 +172,8 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     tasks.add_argument("--select-every", type=int, default=1,
                        help="layers sharing one page selection (IceCache(r) layer reuse)")
     tasks.add_argument("--sink", type=int, default=16, help="first tokens always attended (budget rule)")
-    tasks.add_argument("--window", type=int, default=32, help="most recent tokens always attended (budget rule)")
+    tasks.add_argument("--window", type=int, default=None,
+                       help="most recent tokens always attended (budget rule; default 32, 16 under budget 128)")
     tasks.add_argument("--out", default="results")
     _add_model_option(tasks)
     tasks.set_defaults(run=_tasks)

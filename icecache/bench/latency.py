@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..index import available_indexes
 from ..runtime import IceRuntime, full_kv_copy, shared_prefill
+from ..runtime.budget import default_window
 from ..runtime.tiers import TransferStats
 from .common import environment, prompt_ids, replace_block, table
 
@@ -275,7 +276,7 @@ def render_latency(results: list[dict], plot: str | None = "latency/latency.png"
         s, env = result["settings"], result["environment"]
         lines += [f"## {s.get('model', 'smollm2-135m')}, contexts {', '.join(map(str, s['contexts']))}, "
                   f"batch {', '.join(map(str, s.get('batches', [1])))}", "",
-                  f"`{_command(result)}` ({s['dtype'] if 'dtype' in s else 'float32'}, sink 16 / window 32 / "
+                  f"`{_command(result)}` ({s['dtype'] if 'dtype' in s else 'float32'}, sink 16 / window {default_window(s['budget'])} / "
                   f"page 16, {s['steps']} timed steps after {s['warmup']} warm-up, "
                   f"{'the fastest of %d passes' % s['passes'] if s.get('passes', 1) > 1 else 'one pass'}; {env['device']}, "
                   f"{env['threads']} threads, {env['date']}):", "", format_latency(result), ""]

@@ -102,8 +102,11 @@ def _question(record: dict) -> tuple:
     return record["kind"], record["context"], record["depth"], record.get("source", "pydoc"), record.get("seed")
 
 
-#: the runtime options a suite run records, as a run that recorded fewer ran them (budget rule, layer reuse)
+#: the runtime options a suite run records, as a run that recorded fewer ran them (budget rule, layer reuse):
+#: runs from before the window followed the budget (`default_window`) ran 32 at every budget
 RULE_DEFAULTS = {"select_every": 1, "sink": 16, "window": 32}
+#: what `icecache bench tasks` passes when not told: window None takes the budget's default window
+CLI_DEFAULTS = {"select_every": 1, "sink": 16, "window": None}
 
 
 def _rule(settings: dict) -> dict:
@@ -195,7 +198,7 @@ def _command(result: dict) -> str:
     if len(seeds) > 1 and s.get("questions"):  # merged runs (`merge_runs`): one command per seed, the questions split among them
         parts[parts.index(f"--questions {s['questions']}")] = f"--questions {s['questions'] // len(seeds)}"
     parts.append(f"--seed {' / '.join(map(str, seeds))}")
-    parts += [f"--{k.replace('_', '-')} {v}" for k, v in _rule(s).items() if v != RULE_DEFAULTS[k]]
+    parts += [f"--{k.replace('_', '-')} {v}" for k, v in _rule(s).items() if v != CLI_DEFAULTS[k]]
     if s.get("model"):
         parts.append(f"--model {s['model']}")
     return " ".join(parts)

@@ -4,12 +4,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: the recent window when none is given: 32 tokens, or 16 for budgets under `SMALL_BUDGET` tokens
+DEFAULT_WINDOW, SMALL_BUDGET_WINDOW, SMALL_BUDGET = 32, 16, 128
+
+
+def default_window(tokens: int) -> int:
+    """The recent window a budget of `tokens` gets when none is given. Under 128 tokens the window is 16,
+    not 32: at budget 64 (sink 16) that leaves two retrieved pages per KV head instead of one, and the
+    task suite kept more of full KV's answers with both the tree and `exact` (benchmarks/RESULTS.md,
+    "Budget 64: a smaller window")."""
+    return SMALL_BUDGET_WINDOW if tokens < SMALL_BUDGET else DEFAULT_WINDOW
+
 
 @dataclass(frozen=True)
 class Budget:
     """`tokens` per KV head per decode step = `sink` first tokens + `window` most recent tokens (always
     resident) + `(tokens - sink - window) // page_size` retrieved pages.
 
+    `window` None (default) takes `default_window(tokens)`: 32, or 16 for budgets under 128.
     When every retrievable token fits in `tokens - sink - window`, all pages are kept and nothing is
     searched (so a budget at least the context reproduces dense attention with any index).
     """
@@ -17,9 +29,11 @@ class Budget:
     tokens: int = 256
     page_size: int = 16
     sink: int = 16
-    window: int = 32
+    window: int | None = None
 
     def __post_init__(self) -> None:
+        if self.window is None and isinstance(self.tokens, int) and not isinstance(self.tokens, bool):
+            object.__setattr__(self, "window", default_window(self.tokens))  # frozen: resolved once, here
         for name in ("tokens", "page_size", "sink", "window"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):

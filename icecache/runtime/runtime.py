@@ -67,7 +67,8 @@ class IceRuntime:
         budget: tokens per KV head per decode step (sink + window + retrieved pages).
         page_size: tokens per KV page.
         sink: first tokens always attended.
-        window: most recent tokens always attended.
+        window: most recent tokens always attended; None (default): 32, or 16 for budgets under 128
+            (`default_window`: at budget 64 a second retrieved page kept more answers).
         dense_layers: the first layers keep full KV and full attention (the paper keeps 2).
         select_every: layer reuse (the paper's IceCache(r)): the first of every `select_every` sparse
             layers searches its index; the following ones reuse its index layout and page choice with
@@ -86,7 +87,7 @@ class IceRuntime:
     """
 
     def __init__(self, index: str = DEFAULT_INDEX, budget: int = 256, page_size: int = 16, sink: int = 16,
-                 window: int = 32, dense_layers: int = 2, select_every: int = 1,
+                 window: int | None = None, dense_layers: int = 2, select_every: int = 1,
                  index_options: dict[str, Any] | None = None,
                  kernel: str | Callable = "auto", profile: bool = False, compiled: bool = True) -> None:
         self.index_name = index
