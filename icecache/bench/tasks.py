@@ -254,9 +254,12 @@ def suite_readme_block(results: list[dict], methods=("tree", "exact")) -> str:
             shares = "; ".join(f"{m} " + " / ".join(f"{kept[(m, b)]:.2f}" for b in budgets)
                                for m in methods if all((m, b) in kept for b in budgets))
             model = result["settings"].get("model", "smollm2-135m")
+            window = _rule(result["settings"])["window"]  # None: the budget's default window
+            rule = "" if window is None else f"; window {window}"
             lines.append(f"- {model}, ~{context} tokens, {len({_question(r) for r in records})} questions "
-                         f"({', '.join(result['settings']['kinds'])}; full KV answers {full['accuracy']:.2f}): "
-                         f"share of full KV's answers kept at budgets {' / '.join(map(str, budgets))}: {shares}")
+                         f"({', '.join(result['settings']['kinds'])}; full KV answers {full['accuracy']:.2f}{rule}): "
+                         f"share of full KV's answers kept at budget{'s' if len(budgets) > 1 else ''} "
+                         f"{' / '.join(map(str, budgets))}: {shares}")
     return "\n".join(lines)
 
 
