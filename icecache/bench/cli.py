@@ -60,7 +60,8 @@ def _recall(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model, tokenizer = _load_model(args)
     result = run_recall(model, tokenizer, contexts=args.contexts, budgets=args.budgets, indexes=args.indexes,
-                        steps=args.steps, layers=args.layers, prose=_read_prose(args.prose))
+                        steps=args.steps, layers=args.layers, prose=_read_prose(args.prose), sink=args.sink,
+                        window=args.window)
     result["settings"]["model"] = args.model
     return _finish(args, "recall", result, start, format_recall(result), plot_recall)
 
@@ -149,6 +150,9 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     recall.add_argument("--steps", type=int, default=32, help="greedy decode steps scored per context")
     recall.add_argument("--layers", type=int, nargs="+", default=None, help="default: every 3rd sparse layer")
     recall.add_argument("--prose", default=None, help="a text file to use instead of pydoc_data prose")
+    recall.add_argument("--sink", type=int, default=16, help="first tokens always attended (budget rule)")
+    recall.add_argument("--window", type=int, default=None,
+                        help="most recent tokens always attended (budget rule; default 32, 16 under budget 128)")
     recall.add_argument("--out", default="results", help="output folder")
     _add_model_option(recall)
     recall.set_defaults(run=_recall)
