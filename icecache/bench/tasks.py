@@ -106,7 +106,7 @@ def _question(record: dict) -> tuple:
 #: runs from before the window followed the budget (`default_window`) ran 32 at every budget
 RULE_DEFAULTS = {"select_every": 1, "sink": 16, "window": 32}
 #: what `icecache bench tasks` passes when not told: window None takes the budget's default window
-CLI_DEFAULTS = {"select_every": 1, "sink": 16, "window": None}
+CLI_DEFAULTS = {**RULE_DEFAULTS, "window": None}
 
 
 def _rule(settings: dict) -> dict:
