@@ -151,6 +151,11 @@ def test_merged_task_runs_count_every_question_once():
     with pytest.raises(ValueError, match="runtime_options"):
         merge_runs([older, by_budget])
     assert "--window" not in _command(by_budget) and "--window 32" in _command(older)
+    pages = run(800, [True])  # a run with 8-token pages: not merged with 16-token ones, its command says so
+    pages["settings"]["runtime_options"] = {"select_every": 1, "sink": 16, "window": None, "page_size": 8}
+    with pytest.raises(ValueError, match="runtime_options"):
+        merge_runs([by_budget, pages])
+    assert "--page-size 8" in _command(pages) and "--page-size" not in _command(by_budget)
 
 
 def test_latency_tables_are_rendered_from_the_committed_json():

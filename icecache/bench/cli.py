@@ -61,7 +61,7 @@ def _recall(args: argparse.Namespace) -> int:
     model, tokenizer = _load_model(args)
     result = run_recall(model, tokenizer, contexts=args.contexts, budgets=args.budgets, indexes=args.indexes,
                         steps=args.steps, layers=args.layers, prose=_read_prose(args.prose), sink=args.sink,
-                        window=args.window)
+                        window=args.window, page_size=args.page_size)
     result["settings"]["model"] = args.model
     return _finish(args, "recall", result, start, format_recall(result), plot_recall)
 
@@ -74,7 +74,7 @@ def _tasks(args: argparse.Namespace) -> int:
     result = run_tasks(model, tokenizer, kinds=args.kinds, contexts=args.contexts, depths=args.depths,
                        budgets=args.budgets, indexes=args.indexes, seed=args.seed, prose=_read_prose(args.prose),
                        runtime_options={"select_every": args.select_every, "sink": args.sink,
-                                        "window": args.window}, frame=_frame(args),
+                                        "window": args.window, "page_size": args.page_size}, frame=_frame(args),
                        questions=args.questions, sources=args.sources)
     result["settings"]["model"] = args.model
     peers = Path(args.out) / "tasks_peers.json"
@@ -103,7 +103,8 @@ def _latency(args: argparse.Namespace) -> int:
     else:  # random weights of a bigger shape, for timing; the embedded tokenizer still makes the prompt
         model = random_model(args.model.removeprefix("random-"), device, dtype)
     result = run_latency(model, tokenizer, contexts=args.contexts, indexes=args.indexes, budget=args.budget,
-                         steps=args.steps, runtime_options={"select_every": args.select_every},
+                         steps=args.steps, runtime_options={"select_every": args.select_every,
+                                                            "page_size": args.page_size},
                          batches=args.batch, passes=args.passes)
     result["settings"].update(model=args.model, dtype=args.dtype)
     return _finish(args, "latency", result, start, format_latency(result), plot_latency)
@@ -153,6 +154,7 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     recall.add_argument("--sink", type=int, default=16, help="first tokens always attended (budget rule)")
     recall.add_argument("--window", type=int, default=None,
                         help="most recent tokens always attended (budget rule; default 32, 16 under budget 128)")
+    recall.add_argument("--page-size", type=int, default=16, help="tokens per KV page (budget rule)")
     recall.add_argument("--out", default="results", help="output folder")
     _add_model_option(recall)
     recall.set_defaults(run=_recall)
@@ -178,6 +180,7 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     tasks.add_argument("--sink", type=int, default=16, help="first tokens always attended (budget rule)")
     tasks.add_argument("--window", type=int, default=None,
                        help="most recent tokens always attended (budget rule; default 32, 16 under budget 128)")
+    tasks.add_argument("--page-size", type=int, default=16, help="tokens per KV page (budget rule)")
     tasks.add_argument("--out", default="results")
     _add_model_option(tasks)
     tasks.set_defaults(run=_tasks)
@@ -192,6 +195,7 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
                          help="times each method runs, in turn; a row keeps its method's fastest pass")
     latency.add_argument("--select-every", type=int, default=1,
                          help="layers sharing one page selection (IceCache(r) layer reuse)")
+    latency.add_argument("--page-size", type=int, default=16, help="tokens per KV page (budget rule)")
     _add_model_option(latency, extra=("random-smollm2-135m", "random-llama-8b"))
     latency.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     latency.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..index import available_indexes
 from ..runtime import IceRuntime, full_kv_copy, shared_prefill
-from ..runtime.budget import default_window
+from ..runtime.budget import DEFAULT_PAGE_SIZE, default_window
 from ..runtime.tiers import TransferStats
 from .common import environment, prompt_ids, replace_block, table
 
@@ -240,7 +240,13 @@ def _command(result: dict) -> str:
                                  and not r["method"].startswith("floor")))
     return (f"icecache bench latency --model {model} --contexts {' '.join(map(str, s['contexts']))} "
             f"--batch {' '.join(map(str, s.get('batches', [1])))} --indexes {' '.join(methods)} "
-            f"--budget {s['budget']} --steps {s['steps']}" + (f" --passes {s['passes']}" if "passes" in s else ""))
+            f"--budget {s['budget']} --steps {s['steps']}" + (f" --passes {s['passes']}" if "passes" in s else "")
+            + (f" --page-size {_page_size(s)}" if _page_size(s) != DEFAULT_PAGE_SIZE else ""))
+
+
+def _page_size(settings: dict) -> int:
+    """A run's page size (runs from before `--page-size` ran the default)."""
+    return (settings.get("runtime_options") or {}).get("page_size", DEFAULT_PAGE_SIZE)
 
 
 def render_latency(results: list[dict], plot: str | None = "latency/latency.png") -> str:
@@ -277,7 +283,7 @@ def render_latency(results: list[dict], plot: str | None = "latency/latency.png"
         lines += [f"## {s.get('model', 'smollm2-135m')}, contexts {', '.join(map(str, s['contexts']))}, "
                   f"batch {', '.join(map(str, s.get('batches', [1])))}", "",
                   f"`{_command(result)}` ({s['dtype'] if 'dtype' in s else 'float32'}, sink 16 / window {default_window(s['budget'])} / "
-                  f"page 16, {s['steps']} timed steps after {s['warmup']} warm-up, "
+                  f"page {_page_size(s)}, {s['steps']} timed steps after {s['warmup']} warm-up, "
                   f"{'the fastest of %d passes' % s['passes'] if s.get('passes', 1) > 1 else 'one pass'}; {env['device']}, "
                   f"{env['threads']} threads, {env['date']}):", "", format_latency(result), ""]
     return "\n".join(lines)

@@ -17,6 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..index import available_indexes
+from ..runtime.budget import DEFAULT_PAGE_SIZE
 from ..runtime import IceRuntime, full_kv_copy, generate_after_prefill, shared_prefill
 from ..tasks import TASK_KINDS, TaskBuilder, prose_source
 from .common import environment, parse_index_spec, replace_block, table
@@ -104,7 +105,7 @@ def _question(record: dict) -> tuple:
 
 #: the runtime options a suite run records, as a run that recorded fewer ran them (budget rule, layer reuse):
 #: runs from before the window followed the budget (`default_window`) ran 32 at every budget
-RULE_DEFAULTS = {"select_every": 1, "sink": 16, "window": 32}
+RULE_DEFAULTS = {"select_every": 1, "sink": 16, "window": 32, "page_size": DEFAULT_PAGE_SIZE}
 #: what `icecache bench tasks` passes when not told: window None takes the budget's default window
 CLI_DEFAULTS = {**RULE_DEFAULTS, "window": None}
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 #: the recent window when none is given: 32 tokens, or 16 for budgets under `SMALL_BUDGET` tokens
 DEFAULT_WINDOW, SMALL_BUDGET_WINDOW, SMALL_BUDGET = 32, 16, 128
+#: tokens per KV page when none is given
+DEFAULT_PAGE_SIZE = 16
 
 
 def default_window(tokens: int) -> int:
@@ -14,6 +16,13 @@ def default_window(tokens: int) -> int:
     task suite kept more of full KV's answers with both the tree and `exact` (benchmarks/RESULTS.md,
     "Budget 64: a smaller window")."""
     return SMALL_BUDGET_WINDOW if tokens < SMALL_BUDGET else DEFAULT_WINDOW
+
+
+def describe_window(window: int | None) -> str:
+    """How a recorded `window` setting reads in a report: the number, or the default rule in words."""
+    if window is not None:
+        return f"window {window}"
+    return f"window {DEFAULT_WINDOW}, {SMALL_BUDGET_WINDOW} under budget {SMALL_BUDGET}"
 
 
 @dataclass(frozen=True)
@@ -27,7 +36,7 @@ class Budget:
     """
 
     tokens: int = 256
-    page_size: int = 16
+    page_size: int = DEFAULT_PAGE_SIZE
     sink: int = 16
     window: int | None = None
 
