@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -105,3 +106,44 @@ def format_table(rows: list[DemoRow]) -> str:
         lines.append(f"| {r.method:<10} | {r.budget:>6} | {acc:>9} | {tps:>12.1f} | "
                      f"{r.device_kv_bytes / 2**20:>13.1f} | {ratio:>10.3f} | {sparse:>24.3f} |")
     return "\n".join(lines)
+
+
+DEMO_START, DEMO_END = "<!-- demo:start -->", "<!-- demo:end -->"
+
+
+def render_demo(result: dict) -> str:
+    """The demo's last run as the README and benchmarks/RESULTS.md quote it, from `icecache demo --out`'s
+    demo.json: its command, wall time, budget rule and table (a test re-renders it, so it cannot drift)."""
+    from .runtime.budget import DEFAULT_PAGE_SIZE, describe_page_size, describe_window
+
+    s, env = result["settings"], result["environment"]
+    rows = [DemoRow(**r) for r in result["rows"]]
+    flags = "" if s.get("model", "smollm2-135m") == "smollm2-135m" else f" --model {s['model']}"
+    flags += "" if s["context"] == 4096 else f" --context {s['context']}"
+    flags += " --all-indexes" if len(s["indexes"]) > len(DEMO_INDEXES) else ""
+    # runs from before the rule was recorded ran window 32 / 16 under budget 128 and 16-token pages
+    rule = f"sink 16, {describe_window(s.get('window'))}, {describe_page_size(s.get('page_size', DEFAULT_PAGE_SIZE))}"
+    return "\n".join([
+        f"`icecache demo{flags}`: {s['samples']} pass-key questions at ~{s['context']} tokens, {s['model']}, "
+        f"budgets {' / '.join(map(str, s['budgets']))} ({rule}); {result['wall_seconds']:.0f} s wall on "
+        f"{env['device']} with {env['threads']} threads, {env['date']}:",
+        "",
+        format_table(rows),
+    ])
+
+
+def sync_demo_block(text: str, result: dict) -> str:
+    """`text` (README.md or RESULTS.md) with its demo block replaced by `render_demo(result)`."""
+    from .bench.common import replace_block
+
+    return replace_block(text, DEMO_START, DEMO_END, render_demo(result))
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    # python -m icecache.demo benchmarks/demo/demo.json README.md benchmarks/RESULTS.md: re-render their blocks
+    demo = json.loads(Path(sys.argv[1]).read_text())
+    for name in sys.argv[2:]:
+        Path(name).write_text(sync_demo_block(Path(name).read_text(), demo))

@@ -29,6 +29,24 @@ def test_random_model_has_the_named_shape():
         random_model("gpt-5")
 
 
+def test_demo_tables_are_rendered_from_the_committed_json():
+    # the README and RESULTS.md quote the demo's last run: exactly what benchmarks/demo/demo.json renders to
+    import json
+    from pathlib import Path
+
+    from icecache.demo import render_demo, sync_demo_block
+
+    root = Path(__file__).resolve().parents[1]
+    demo = json.loads((root / "benchmarks" / "demo" / "demo.json").read_text())
+    for name in ("README.md", "benchmarks/RESULTS.md"):
+        text = (root / name).read_text()
+        assert text == sync_demo_block(text, demo), \
+            f"{name}'s demo block is stale: python -m icecache.demo benchmarks/demo/demo.json README.md benchmarks/RESULTS.md"
+    rendered = render_demo(demo)
+    full = next(r for r in demo["rows"] if r["method"] == "full KV")
+    assert f"{full['correct']}/{full['total']}" in rendered and f"{demo['wall_seconds']:.0f} s wall" in rendered
+
+
 def test_long_context_results_are_rendered_from_the_committed_json():
     # README and docs quote benchmarks/LONG_CONTEXT.md, which must be what the committed JSON renders to
     import importlib.util
@@ -113,7 +131,7 @@ def test_task_suite_tables_are_rendered_from_the_committed_json():
 
 
 def test_merged_task_runs_count_every_question_once():
-    from icecache.bench.tasks import _command, merge_runs
+    from icecache.bench.tasks import _command, merge_runs, suite_readme_block
 
     def run(seed: int, answers: list[bool]) -> dict:
         records = []
@@ -155,7 +173,11 @@ def test_merged_task_runs_count_every_question_once():
     pages["settings"]["runtime_options"] = {"select_every": 1, "sink": 16, "window": None, "page_size": 8}
     with pytest.raises(ValueError, match="runtime_options"):
         merge_runs([by_budget, pages])
-    assert "--page-size 8" in _command(pages) and "--page-size" not in _command(by_budget)
+    assert "--page-size 8" in _command(pages) and "--page-size 16" in _command(by_budget)  # ran before the rule
+    rule = run(900, [True])  # today's default: window and page size both follow the budget
+    rule["settings"]["runtime_options"] = {"select_every": 1, "sink": 16, "window": None, "page_size": None}
+    assert "--page-size" not in _command(rule) and "--window" not in _command(rule)
+    assert "page 16" in suite_readme_block([by_budget]) and "page" not in suite_readme_block([rule])
 
 
 def test_latency_tables_are_rendered_from_the_committed_json():

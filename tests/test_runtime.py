@@ -112,8 +112,11 @@ def test_budget_rule_errors_name_the_argument():
     with pytest.raises(TypeError, match="budget"):
         Budget(64.0, 16, 16, 32)
     # the window follows the budget unless given: 16 under 128 tokens (a second page at 64), else 32
-    assert Budget(64).window == 16 and Budget(64).max_pages == 2 and Budget(64, window=32).max_pages == 1
+    assert Budget(64).window == 16 and Budget(64, 16).max_pages == 2 and Budget(64, 16, window=32).max_pages == 1
     assert Budget(127).window == 16 and Budget(128).window == 32 and Budget(256).max_pages == 13
+    # so does the page size: 8 under 128 tokens (four retrieved pages at 64), else 16
+    assert Budget(64).page_size == 8 and Budget(64).max_pages == 4 and Budget(64, page_size=16).max_pages == 2
+    assert Budget(127).page_size == 8 and Budget(128).page_size == 16 and Budget(64, 4).page_size == 4
     assert icecache.IceRuntime(index="exact", budget=64).budget.window == 16
     with pytest.raises(ValueError, match="budget"):
         icecache.IceRuntime(index="exact", budget=24)

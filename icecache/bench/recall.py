@@ -109,7 +109,7 @@ def evaluate_layer(cap: Capture, layer_idx: int, index: str, budget: Budget,
 
 
 def run_recall(model, tokenizer, contexts=(4096,), budgets=(64, 128, 256, 512), indexes=None, steps: int = 32,
-               layers=None, page_size: int = 16, sink: int = 16, window: int | None = None, prose: str | None = None,
+               layers=None, page_size: int | None = None, sink: int = 16, window: int | None = None, prose: str | None = None,
                dense_layers: int = 2, index_options: dict | None = None) -> dict:
     """Run the recall benchmark; returns a JSON-ready dict with per-layer and averaged rows."""
     indexes = list(indexes or available_indexes())

@@ -104,10 +104,11 @@ def _question(record: dict) -> tuple:
 
 
 #: the runtime options a suite run records, as a run that recorded fewer ran them (budget rule, layer reuse):
-#: runs from before the window followed the budget (`default_window`) ran 32 at every budget
+#: runs from before the window followed the budget (`default_window`) ran 32 at every budget, and runs from
+#: before the page size followed it (`default_page_size`) ran 16
 RULE_DEFAULTS = {"select_every": 1, "sink": 16, "window": 32, "page_size": DEFAULT_PAGE_SIZE}
-#: what `icecache bench tasks` passes when not told: window None takes the budget's default window
-CLI_DEFAULTS = {**RULE_DEFAULTS, "window": None}
+#: what `icecache bench tasks` passes when not told: None takes the budget's default window and page size
+CLI_DEFAULTS = {**RULE_DEFAULTS, "window": None, "page_size": None}
 
 
 def _rule(settings: dict) -> dict:
@@ -255,8 +256,9 @@ def suite_readme_block(results: list[dict], methods=("tree", "exact")) -> str:
             shares = "; ".join(f"{m} " + " / ".join(f"{kept[(m, b)]:.2f}" for b in budgets)
                                for m in methods if all((m, b) in kept for b in budgets))
             model = result["settings"].get("model", "smollm2-135m")
-            window = _rule(result["settings"])["window"]  # None: the budget's default window
-            rule = "" if window is None else f"; window {window}"
+            rule = _rule(result["settings"])  # None: the budget's default
+            rule = "".join(f"; {name} {rule[key]}" for key, name in (("window", "window"), ("page_size", "page"))
+                           if rule[key] is not None)
             lines.append(f"- {model}, ~{context} tokens, {len({_question(r) for r in records})} questions "
                          f"({', '.join(result['settings']['kinds'])}; full KV answers {full['accuracy']:.2f}{rule}): "
                          f"share of full KV's answers kept at budget{'s' if len(budgets) > 1 else ''} "

@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from ..runtime.budget import default_window
+from ..runtime.budget import default_page_size, default_window
 from .common import environment, prompt_ids, table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -128,7 +128,7 @@ def render_results(results: list[dict]) -> str:
             f"## {', '.join(f'{n} x {c} tokens' for c, n in s['points'])}",
             "",
             f"`icecache bench vllm --points {points} --indexes {' '.join(s['indexes'])} --budget {s['budget']}`: "
-            f"{s['vllm']}, {s['model']} in {s['dtype']}, budget {s['budget']} (sink 16, window {default_window(s['budget'])}, page 16), "
+            f"{s['vllm']}, {s['model']} in {s['dtype']}, budget {s['budget']} (sink 16, window {default_window(s['budget'])}, page {default_page_size(s['budget'])}), "
             f"{s['new_tokens']} greedy tokens per request, {env['device']}, {env['threads']} threads, {env['date']}.",
             "",
             format_vllm(result),

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 #: the recent window when none is given: 32 tokens, or 16 for budgets under `SMALL_BUDGET` tokens
 DEFAULT_WINDOW, SMALL_BUDGET_WINDOW, SMALL_BUDGET = 32, 16, 128
-#: tokens per KV page when none is given
-DEFAULT_PAGE_SIZE = 16
+#: tokens per KV page when none is given: 16, or 8 for budgets under `SMALL_BUDGET` tokens
+DEFAULT_PAGE_SIZE, SMALL_BUDGET_PAGE_SIZE = 16, 8
 
 
 def default_window(tokens: int) -> int:
@@ -18,6 +18,15 @@ def default_window(tokens: int) -> int:
     return SMALL_BUDGET_WINDOW if tokens < SMALL_BUDGET else DEFAULT_WINDOW
 
 
+def default_page_size(tokens: int) -> int:
+    """The page size a budget of `tokens` gets when none is given. Under 128 tokens pages hold 8 tokens, not
+    16: at budget 64 (sink 16, window 16) that retrieves four pages per KV head instead of two, and the task
+    suite kept more of full KV's answers with the tree (89 -> 94 of 101 over 2k-8k, `exact` 89 -> 89;
+    benchmarks/RESULTS.md, "Page size 8"). Larger budgets keep 16: smaller pages cost search time there
+    (an 8k tree step at budget 256: 0.72x -> 0.80x of full KV)."""
+    return SMALL_BUDGET_PAGE_SIZE if tokens < SMALL_BUDGET else DEFAULT_PAGE_SIZE
+
+
 def describe_window(window: int | None) -> str:
     """How a recorded `window` setting reads in a report: the number, or the default rule in words."""
     if window is not None:
@@ -25,24 +34,35 @@ def describe_window(window: int | None) -> str:
     return f"window {DEFAULT_WINDOW}, {SMALL_BUDGET_WINDOW} under budget {SMALL_BUDGET}"
 
 
+def describe_page_size(page_size: int | None) -> str:
+    """How a recorded `page_size` setting reads in a report: the number, or the default rule in words."""
+    if page_size is not None:
+        return f"page {page_size}"
+    return f"page {DEFAULT_PAGE_SIZE}, {SMALL_BUDGET_PAGE_SIZE} under budget {SMALL_BUDGET}"
+
+
 @dataclass(frozen=True)
 class Budget:
     """`tokens` per KV head per decode step = `sink` first tokens + `window` most recent tokens (always
     resident) + `(tokens - sink - window) // page_size` retrieved pages.
 
-    `window` None (default) takes `default_window(tokens)`: 32, or 16 for budgets under 128.
+    `window` None (default) takes `default_window(tokens)`: 32, or 16 for budgets under 128; `page_size`
+    None (default) takes `default_page_size(tokens)`: 16, or 8 for budgets under 128.
     When every retrievable token fits in `tokens - sink - window`, all pages are kept and nothing is
     searched (so a budget at least the context reproduces dense attention with any index).
     """
 
     tokens: int = 256
-    page_size: int = DEFAULT_PAGE_SIZE
+    page_size: int | None = None
     sink: int = 16
     window: int | None = None
 
     def __post_init__(self) -> None:
-        if self.window is None and isinstance(self.tokens, int) and not isinstance(self.tokens, bool):
-            object.__setattr__(self, "window", default_window(self.tokens))  # frozen: resolved once, here
+        if isinstance(self.tokens, int) and not isinstance(self.tokens, bool):  # frozen: resolved once, here
+            if self.window is None:
+                object.__setattr__(self, "window", default_window(self.tokens))
+            if self.page_size is None:
+                object.__setattr__(self, "page_size", default_page_size(self.tokens))
         for name in ("tokens", "page_size", "sink", "window"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):

@@ -65,7 +65,8 @@ class IceRuntime:
     Args:
         index: registered index name (see `icecache.available_indexes()`).
         budget: tokens per KV head per decode step (sink + window + retrieved pages).
-        page_size: tokens per KV page.
+        page_size: tokens per KV page; None (default): 16, or 8 for budgets under 128 (`default_page_size`:
+            at budget 64 four smaller retrieved pages kept more answers than two).
         sink: first tokens always attended.
         window: most recent tokens always attended; None (default): 32, or 16 for budgets under 128
             (`default_window`: at budget 64 a second retrieved page kept more answers).
@@ -86,7 +87,7 @@ class IceRuntime:
         >>> model.generate(input_ids, cache=cache, max_new_tokens=32, do_sample=False)
     """
 
-    def __init__(self, index: str = DEFAULT_INDEX, budget: int = 256, page_size: int = 16, sink: int = 16,
+    def __init__(self, index: str = DEFAULT_INDEX, budget: int = 256, page_size: int | None = None, sink: int = 16,
                  window: int | None = None, dense_layers: int = 2, select_every: int = 1,
                  index_options: dict[str, Any] | None = None,
                  kernel: str | Callable = "auto", profile: bool = False, compiled: bool = True) -> None:
