@@ -118,7 +118,7 @@ def test_task_suite_tables_are_rendered_from_the_committed_json():
     import json
     from pathlib import Path
 
-    from icecache.bench.tasks import render_suite, sync_readme
+    from icecache.bench.tasks import HISTORY, render_suite, sync_readme
 
     root = Path(__file__).resolve().parents[1]
     results = [json.loads(p.read_text()) for p in sorted((root / "benchmarks" / "tasks_suite").glob("*.json"))]
@@ -128,6 +128,9 @@ def test_task_suite_tables_are_rendered_from_the_committed_json():
     readme = (root / "README.md").read_text()
     assert readme == sync_readme(readme, results), \
         "README's task lines are stale: python -m icecache.bench.tasks benchmarks/tasks_suite/*.json --readme README.md"
+    history = [json.loads(p.read_text()) for p in sorted((root / "benchmarks" / "tasks_history").glob("*.json"))]
+    assert (root / "benchmarks" / "TASKS_HISTORY.md").read_text() == render_suite(history, HISTORY), \
+        "TASKS_HISTORY.md is stale: python -m icecache.bench.tasks benchmarks/tasks_history/*.json > benchmarks/TASKS_HISTORY.md"
 
 
 def test_merged_task_runs_count_every_question_once():
@@ -178,6 +181,34 @@ def test_merged_task_runs_count_every_question_once():
     rule["settings"]["runtime_options"] = {"select_every": 1, "sink": 16, "window": None, "page_size": None}
     assert "--page-size" not in _command(rule) and "--window" not in _command(rule)
     assert "page 16" in suite_readme_block([by_budget]) and "page" not in suite_readme_block([rule])
+
+
+def test_joined_runs_take_each_budget_from_the_run_with_todays_rule():
+    from icecache.bench.tasks import _command, join_budgets
+
+    def run(budgets, options, answers, full=(True, True)):
+        records = []
+        for j, (full_ok, ok) in enumerate(zip(full, answers)):
+            question = {"kind": "passkey", "context": 1000, "depth": 0.25 + j / 4, "source": "pydoc", "seed": j}
+            records.append({**question, "method": "full KV", "budget": None, "correct": full_ok, "output": "x"})
+            records += [{**question, "method": "tree", "budget": b, "correct": ok} for b in budgets]
+        settings = {"kinds": ["passkey"], "contexts": [1000], "budgets": budgets, "model": "smollm2-135m",
+                    "frame": "inline", "sources": ["pydoc"], "questions": 2, "seed": 0, "indexes": ["tree"],
+                    "depths": [0.25], "runtime_options": options}
+        return {"benchmark": "tasks", "settings": settings, "records": records}
+
+    older = run([64, 128, 256], {"select_every": 1, "sink": 16, "window": 32}, [False, True])  # window 32, page 16
+    pages = run([64], {"select_every": 1, "sink": 16, "window": None, "page_size": 8}, [True, True])
+    joined = join_budgets([older, pages])
+    assert joined["settings"]["budgets"] == [64, 128, 256]
+    assert [r["correct"] for r in joined["records"] if r["budget"] == 64] == [True, True]  # from the page-8 run
+    assert len([r for r in joined["records"] if r["method"] == "full KV"]) == 2
+    assert "--window" not in _command(joined) and "--page-size" not in _command(joined)
+    assert join_budgets([older])["settings"]["budgets"] == [128, 256]  # its budget 64 ran another rule
+    with pytest.raises(ValueError, match="full-KV answers"):
+        join_budgets([older, run([64], pages["settings"]["runtime_options"], [True, True], full=(True, False))])
+    with pytest.raises(ValueError, match="both ran budget 64"):
+        join_budgets([pages, pages])
 
 
 def test_latency_tables_are_rendered_from_the_committed_json():

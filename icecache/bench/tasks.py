@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..index import available_indexes
-from ..runtime.budget import DEFAULT_PAGE_SIZE
+from ..runtime.budget import DEFAULT_PAGE_SIZE, default_page_size, default_window
 from ..runtime import IceRuntime, full_kv_copy, generate_after_prefill, shared_prefill
 from ..tasks import TASK_KINDS, TaskBuilder, prose_source
 from .common import environment, parse_index_spec, replace_block, table
@@ -140,6 +140,62 @@ def merge_runs(results: list[dict]) -> dict:
             "merged": [{"environment": r.get("environment"), "seed": r["settings"]["seed"]} for r in results]}
 
 
+def effective_rule(settings: dict, budget: int) -> dict:
+    """The budget rule a run applied at `budget`: its recorded runtime options, None resolved as the
+    budget's default window and page size."""
+    rule = _rule(settings)
+    return {**rule, "window": default_window(budget) if rule["window"] is None else rule["window"],
+            "page_size": default_page_size(budget) if rule["page_size"] is None else rule["page_size"]}
+
+
+def join_budgets(results: list[dict]) -> dict:
+    """One suite run at today's default rule from runs of the same questions: per budget, the rows of the one
+    run that applied there the rule `icecache bench tasks` applies today (a run with window 32 and 16-token
+    pages did at budgets 128 and 256, not at 64; its budget-64 rows are left out), full KV's rows from the
+    first run (the runs' full-KV answers must agree question by question). The joined run reads as one
+    command; `joined` keeps each part's budgets and options."""
+    keys = ("kinds", "contexts", "model", "frame", "sources", "seed", "questions")
+    first = results[0]["settings"]
+    model = lambda settings: settings.get("model") or "smollm2-135m"  # runs without one ran the default model
+    for other in results[1:]:
+        differ = [k for k in keys if k != "model" and other["settings"].get(k) != first.get(k)]
+        differ += ["model"] if model(other["settings"]) != model(first) else []
+        if differ:
+            raise ValueError(f"runs to join must share {keys}; these differ: {differ}")
+    today = lambda b: effective_rule({"runtime_options": CLI_DEFAULTS}, b)
+    taken = {}  # budget -> the run whose rows are taken
+    for i, r in enumerate(results):
+        for b in r["settings"]["budgets"]:
+            if effective_rule(r["settings"], b) == today(b):
+                if b in taken:
+                    raise ValueError(f"runs {taken[b]} and {i} both ran budget {b} under today's rule")
+                taken[b] = i
+    if not taken:
+        raise ValueError("no run applied today's rule at any of its budgets")
+    records = [dict(rec) for rec in results[0]["records"] if rec["method"] == FULL] + \
+              [dict(rec) for i, r in enumerate(results) for rec in r["records"]
+               if rec["method"] != FULL and taken.get(rec["budget"]) == i]
+    # runs from before task seeds were recorded: a single-seed run's question is its kind, context, depth and
+    # source; take its seed from a run that recorded it
+    seeds = {_question(rec)[:4]: rec["seed"] for r in results for rec in r["records"] if rec.get("seed") is not None}
+    for rec in records:
+        if rec.get("seed") is None and _question(rec)[:4] in seeds:
+            rec["seed"] = seeds[_question(rec)[:4]]
+    full = None
+    for r in results:
+        theirs = {_question({**rec, "seed": rec.get("seed", seeds.get(_question(rec)[:4]))}): bool(rec["correct"])
+                  for rec in r["records"] if rec["method"] == FULL}
+        if full is not None and theirs != full:
+            raise ValueError("the runs to join must ask the same questions with the same full-KV answers")
+        full = theirs
+    settings = {**first, "budgets": sorted(taken), "runtime_options": dict(CLI_DEFAULTS), "model": model(first),
+                "indexes": list(dict.fromkeys(i for r in results for i in r["settings"].get("indexes") or []))}
+    return {**results[0], "settings": settings, "records": records, "summary": summarize(records),
+            "joined": [{"environment": r.get("environment"), "runtime_options": _rule(r["settings"]),
+                        "budgets": sorted(b for b, j in taken.items() if j == i), "merged": r.get("merged")}
+                       for i, r in enumerate(results)]}
+
+
 def summarize(records: list[dict]) -> list[dict]:
     """Per (method, budget), over every context: accuracy per task kind and overall with its 95% Wilson
     interval, the share of full KV's answers kept, and paired comparisons (McNemar's exact test on the
@@ -206,16 +262,24 @@ def _command(result: dict) -> str:
     return " ".join(parts)
 
 
-def render_suite(results: list[dict]) -> str:
-    """benchmarks/TASKS.md from the committed suite runs, `benchmarks/tasks_suite/*.json` in name order: one
-    table per run and context (a test re-renders it, so the text cannot drift from the runs)."""
+#: where the committed runs live: the suite at today's budget rule, and the runs it superseded
+SUITE, HISTORY = ("benchmarks/tasks_suite", "benchmarks/TASKS.md"), ("benchmarks/tasks_history", "benchmarks/TASKS_HISTORY.md")
+
+
+def render_suite(results: list[dict], where: tuple[str, str] = SUITE) -> str:
+    """benchmarks/TASKS.md from the committed suite runs, `benchmarks/tasks_suite/*.json` in name order (or
+    `where=HISTORY`: TASKS_HISTORY.md from the runs of earlier budget rules): one table per run and context
+    (a test re-renders both, so the text cannot drift from the runs)."""
+    folder, page = where
+    title = ("Task suite: answers kept, with intervals and paired tests" if where == SUITE else
+             "Task suite history: runs of earlier budget rules and index variants")
     lines = [
-        "# Task suite: answers kept, with intervals and paired tests",
+        f"# {title}",
         "",
-        "Generated by `icecache.bench.tasks.render_suite` from `benchmarks/tasks_suite/*.json`; re-render with:",
+        f"Generated by `icecache.bench.tasks.render_suite` from `{folder}/*.json`; re-render with:",
         "",
         "```bash",
-        ".venv/bin/python -m icecache.bench.tasks benchmarks/tasks_suite/*.json > benchmarks/TASKS.md",
+        f".venv/bin/python -m icecache.bench.tasks {folder}/*.json > {page}",
         "```",
         "",
         "Per row: accuracy per task kind and overall with its 95% Wilson interval; `kept of full KV`, the share of "
@@ -276,9 +340,10 @@ if __name__ == "__main__":
 
     # python -m icecache.bench.tasks benchmarks/tasks_suite/*.json > benchmarks/TASKS.md [--readme README.md]
     args = sys.argv[1:]
-    if args and args[0] == "--merge":  # python -m icecache.bench.tasks --merge OUT.json A.json B.json ...
-        merged = merge_runs([json.loads(Path(p).read_text()) for p in args[2:]])
-        Path(args[1]).write_text(json.dumps(merged, indent=1))
+    if args and args[0] in ("--merge", "--join"):  # python -m icecache.bench.tasks --merge OUT.json A.json B.json ...
+        combine = merge_runs if args[0] == "--merge" else join_budgets  # more seeds / more budgets
+        combined = combine([json.loads(Path(p).read_text()) for p in args[2:]])
+        Path(args[1]).write_text(json.dumps(combined, indent=1))
         raise SystemExit(0)
     readme = args[args.index("--readme") + 1] if "--readme" in args else None
     paths = [a for a in args if a.endswith(".json")]
@@ -286,4 +351,5 @@ if __name__ == "__main__":
     if readme:
         Path(readme).write_text(sync_readme(Path(readme).read_text(), runs))
     else:
-        print(render_suite(runs), end="")
+        history = paths and Path(paths[0]).parent.name == Path(HISTORY[0]).name
+        print(render_suite(runs, HISTORY if history else SUITE), end="")
