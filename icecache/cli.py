@@ -12,12 +12,12 @@ def _demo(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     from .models import model_spec
-    from .runtime.budget import describe_page_size, describe_window
+    from .runtime.budget import describe_rule
 
     rows = run_demo(samples=args.samples, context_tokens=args.context, budgets=args.budgets,
                     indexes="all" if args.all_indexes else args.indexes, model_name=args.model)
     print(f"\nPass-key retrieval, ~{args.context}-token contexts from pydoc_data prose, "
-          f"{model_spec(args.model).title} (sink 16, {describe_window(None)}, {describe_page_size(None)}; 'device KV' = K/V resident on the "
+          f"{model_spec(args.model).title} (sink 16, {describe_rule(None, None)}; 'device KV' = K/V resident on the "
           f"device tier over all layers, 'sparse layers' = over the layers icecache retrieves for)\n")
     print(format_table(rows))
     wall = time.perf_counter() - start

@@ -114,7 +114,7 @@ DEMO_START, DEMO_END = "<!-- demo:start -->", "<!-- demo:end -->"
 def render_demo(result: dict) -> str:
     """The demo's last run as the README and benchmarks/RESULTS.md quote it, from `icecache demo --out`'s
     demo.json: its command, wall time, budget rule and table (a test re-renders it, so it cannot drift)."""
-    from .runtime.budget import DEFAULT_PAGE_SIZE, describe_page_size, describe_window
+    from .runtime.budget import DEFAULT_PAGE_SIZE, describe_rule
 
     s, env = result["settings"], result["environment"]
     rows = [DemoRow(**r) for r in result["rows"]]
@@ -122,7 +122,7 @@ def render_demo(result: dict) -> str:
     flags += "" if s["context"] == 4096 else f" --context {s['context']}"
     flags += " --all-indexes" if len(s["indexes"]) > len(DEMO_INDEXES) else ""
     # runs from before the rule was recorded ran window 32 / 16 under budget 128 and 16-token pages
-    rule = f"sink 16, {describe_window(s.get('window'))}, {describe_page_size(s.get('page_size', DEFAULT_PAGE_SIZE))}"
+    rule = f"sink 16, {describe_rule(s.get('window'), s.get('page_size', DEFAULT_PAGE_SIZE))}"
     return "\n".join([
         f"`icecache demo{flags}`: {s['samples']} pass-key questions at ~{s['context']} tokens, {s['model']}, "
         f"budgets {' / '.join(map(str, s['budgets']))} ({rule}); {result['wall_seconds']:.0f} s wall on "

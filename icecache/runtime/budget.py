@@ -41,6 +41,14 @@ def describe_page_size(page_size: int | None) -> str:
     return f"page {DEFAULT_PAGE_SIZE}, {SMALL_BUDGET_PAGE_SIZE} under budget {SMALL_BUDGET}"
 
 
+def describe_rule(window: int | None, page_size: int | None) -> str:
+    """The recorded window and page size as a report names them (None: the budget's default)."""
+    if window is None and page_size is None:
+        return (f"window {DEFAULT_WINDOW} and page {DEFAULT_PAGE_SIZE}, {SMALL_BUDGET_WINDOW} and "
+                f"{SMALL_BUDGET_PAGE_SIZE} under budget {SMALL_BUDGET}")
+    return f"{describe_window(window)}, {describe_page_size(page_size)}"
+
+
 @dataclass(frozen=True)
 class Budget:
     """`tokens` per KV head per decode step = `sink` first tokens + `window` most recent tokens (always
