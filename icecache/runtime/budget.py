@@ -12,8 +12,8 @@ DEFAULT_PAGE_SIZE, SMALL_BUDGET_PAGE_SIZE = 16, 8
 
 def default_window(tokens: int) -> int:
     """The recent window a budget of `tokens` gets when none is given. Under 128 tokens the window is 16,
-    not 32: at budget 64 (sink 16) that leaves two retrieved pages per KV head instead of one, and the
-    task suite kept more of full KV's answers with both the tree and `exact` (benchmarks/RESULTS.md,
+    not 32: at budget 64 (sink 16) that leaves two retrieved 16-token pages per KV head instead of one, and
+    the task suite kept more of full KV's answers with both the tree and `exact` (benchmarks/RESULTS.md,
     "Budget 64: a smaller window")."""
     return SMALL_BUDGET_WINDOW if tokens < SMALL_BUDGET else DEFAULT_WINDOW
 
