@@ -205,7 +205,9 @@ def summarize(records: list[dict]) -> list[dict]:
         answered.setdefault((r["method"], r["budget"]), {})[_question(r)] = bool(r["correct"])
     full = answered.get((FULL, None), {})
     rows = []
-    for (method, budget), mine in answered.items():
+    methods = list(dict.fromkeys(method for method, _ in answered))  # full KV first, then in order of appearance
+    for (method, budget), mine in sorted(answered.items(), key=lambda item: (methods.index(item[0][0]),
+                                                                          item[0][1] or 0)):
         of_method = [r for r in records if r["method"] == method and r["budget"] == budget]
         row = {"method": method, "budget": "all" if budget is None else budget, "questions": len(mine)}
         for kind in dict.fromkeys(r["kind"] for r in of_method):
