@@ -191,6 +191,11 @@ def test_span_lead_starts_a_run_just_before_the_hot_token():
     assert lead.page_table[0, 1].tolist() == list(range(298, 314))
     table = lead.page_table[0].flatten()
     assert sorted(table[table >= 0].tolist()) == list(range(512))  # every token still exactly once
+    # 8-token pages: the run from 204 leaves 5 tokens after 206 in its first page (< span_reach=8), so it
+    # takes the next page too and still holds the 13 tokens after the hot token
+    small = icecache.get_index("tree", head_dim=8, page_size=8, hot_pages=0, span_pages=1, span_lead=2)
+    small.build(keys, BuildContext(queries))
+    assert small.page_table[0, :2].flatten().tolist() == list(range(204, 220))
     with pytest.raises(ValueError, match="span_lead"):
         icecache.get_index("tree", head_dim=8, span_lead=-1)
 

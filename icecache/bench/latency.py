@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..index import available_indexes
 from ..runtime import IceRuntime, full_kv_copy, shared_prefill
-from ..runtime.budget import DEFAULT_PAGE_SIZE, default_page_size, default_window
+from ..runtime.budget import DEFAULT_PAGE_SIZE, Budget, default_page_size, default_window
 from ..runtime.tiers import TransferStats
 from .common import environment, prompt_ids, replace_block, table
 
@@ -247,7 +247,7 @@ def _command(result: dict) -> str:
 def _page_size(settings: dict) -> int:
     """A run's page size: recorded, the budget's default (`None`), or 16 (runs from before `--page-size`)."""
     page_size = (settings.get("runtime_options") or {}).get("page_size", DEFAULT_PAGE_SIZE)
-    return default_page_size(settings["budget"]) if page_size is None else page_size
+    return Budget(settings["budget"], page_size=page_size).page_size
 
 
 def render_latency(results: list[dict], plot: str | None = "latency/latency.png") -> str:

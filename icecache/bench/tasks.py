@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..index import available_indexes
-from ..runtime.budget import DEFAULT_PAGE_SIZE, default_page_size, default_window
+from ..runtime.budget import DEFAULT_PAGE_SIZE, Budget
 from ..runtime import IceRuntime, full_kv_copy, generate_after_prefill, shared_prefill
 from ..tasks import TASK_KINDS, TaskBuilder, prose_source
 from .common import environment, parse_index_spec, replace_block, table
@@ -144,8 +144,8 @@ def effective_rule(settings: dict, budget: int) -> dict:
     """The budget rule a run applied at `budget`: its recorded runtime options, None resolved as the
     budget's default window and page size."""
     rule = _rule(settings)
-    return {**rule, "window": default_window(budget) if rule["window"] is None else rule["window"],
-            "page_size": default_page_size(budget) if rule["page_size"] is None else rule["page_size"]}
+    resolved = Budget(budget, page_size=rule["page_size"], sink=rule["sink"], window=rule["window"])
+    return {**rule, "window": resolved.window, "page_size": resolved.page_size}
 
 
 def join_budgets(results: list[dict]) -> dict:

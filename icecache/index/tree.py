@@ -189,15 +189,15 @@ class TreeIndex(TokenIndex):
             hottest tokens were the haystack just before the question (the older positions read their
             neighbours); the last position ranked the pass key's digits first in 5-9 of SmolLM2's 28 sparse
             layers at 4k (0-1 summed) and in 2 of Gemma 3's 3 global layers at 16k (benchmarks/RESULTS.md).
-        span_lead: None (default): a span page is the page-grid cell holding its hot token. An int: the
-            `page_size` tokens from `span_lead` before the hot token on (less any an earlier span took), so
-            what follows the token (a key's value) stays on its page even when the token ends its cell.
-        span_reach: with grid cells (`span_lead` None), a run whose hot token has fewer than `span_reach`
-            tokens after it in its cell takes the next cell too (a page on top of `span_pages`), so the
-            digits after a key's last word are not cut at a cell edge. Default 8: on Gemma 3 at 16k (one
-            digit per token) the tree wrote `7050` for `70503` when the key ended its cell; on 13 replayed
-            16k questions budget 256 answered 13 with it against 7, and SmolLM2's 4k suite kept 0.69 / 1.00 /
-            1.00 of full KV's answers at budgets 64 / 128 / 256 against 0.73 / 0.92 / 0.92 (RESULTS.md).
+        span_lead: None (default): a span run starts at the page-grid cell holding its hot token. An int:
+            at `span_lead` tokens before the hot token (less any an earlier span took), so what follows the
+            token (a key's value) stays on its page even when the token ends its grid cell.
+        span_reach: a run whose hot token has fewer than `span_reach` tokens after it in the run's first
+            page takes the next page too (a page on top of `span_pages`), so the digits after a key's last
+            word are not cut at a page edge. Default 8: on Gemma 3 at 16k (one digit per token) the tree
+            wrote `7050` for `70503` when the key ended its cell; on 13 replayed 16k questions budget 256
+            answered 13 with it against 7, and SmolLM2's 4k suite kept 0.69 / 1.00 / 1.00 of full KV's
+            answers at budgets 64 / 128 / 256 against 0.73 / 0.92 / 0.92 (RESULTS.md).
         peak_pages: the first `peak_pages` selected pages are the candidates holding the most probable
             single tokens (a page's best token, over the group's query heads), the rest go by attention
             mass. A copy step needs its one next token, which a page of many moderately attended tokens
@@ -313,10 +313,9 @@ class TreeIndex(TokenIndex):
 
     def _span_runs(self, order: torch.Tensor, n: int, count: int) -> torch.Tensor:
         """Token-order runs of whole pages for the `count` hottest tokens in `order` not yet covered
-        (positions, -1 where a run is short). With `span_lead` None, the grid page holding the token, and
-        the next one too when fewer than `span_reach` tokens follow it in its page; else the `page_size`
-        tokens from `span_lead` before it on (what follows a needle's key is its value), less any a
-        previous run took."""
+        (positions, -1 where a run is short): from the grid page holding the token (`span_lead` None) or
+        from `span_lead` tokens before it (what follows a needle's key is its value), one page, or two
+        when fewer than `span_reach` tokens follow the token in the first; less any a previous run took."""
         ps, lead, reach = self.page_size, self.options.span_lead, self.options.span_reach
         runs, taken = [], torch.zeros(n, dtype=torch.bool)
         for t in order.tolist():
@@ -324,11 +323,8 @@ class TreeIndex(TokenIndex):
                 break
             if taken[t]:  # covered by an earlier run: no run of its own
                 continue
-            if lead is None:
-                first = t // ps * ps
-                cells = 2 if first + ps - 1 - t < reach else 1
-            else:
-                first, cells = min(max(t - lead, 0), max(n - ps, 0)), 1
+            first = t // ps * ps if lead is None else min(max(t - lead, 0), max(n - ps, 0))
+            cells = 2 if first + ps - 1 - t < reach else 1
             run = torch.arange(first, min(first + cells * ps, n))
             run = run[~taken[run]]
             taken[run] = True

@@ -27,26 +27,16 @@ def default_page_size(tokens: int) -> int:
     return SMALL_BUDGET_PAGE_SIZE if tokens < SMALL_BUDGET else DEFAULT_PAGE_SIZE
 
 
-def describe_window(window: int | None) -> str:
-    """How a recorded `window` setting reads in a report: the number, or the default rule in words."""
-    if window is not None:
-        return f"window {window}"
-    return f"window {DEFAULT_WINDOW}, {SMALL_BUDGET_WINDOW} under budget {SMALL_BUDGET}"
-
-
-def describe_page_size(page_size: int | None) -> str:
-    """How a recorded `page_size` setting reads in a report: the number, or the default rule in words."""
-    if page_size is not None:
-        return f"page {page_size}"
-    return f"page {DEFAULT_PAGE_SIZE}, {SMALL_BUDGET_PAGE_SIZE} under budget {SMALL_BUDGET}"
-
-
 def describe_rule(window: int | None, page_size: int | None) -> str:
-    """The recorded window and page size as a report names them (None: the budget's default)."""
+    """The recorded window and page size as a report names them (None: the budget's default, in words)."""
     if window is None and page_size is None:
         return (f"window {DEFAULT_WINDOW} and page {DEFAULT_PAGE_SIZE}, {SMALL_BUDGET_WINDOW} and "
                 f"{SMALL_BUDGET_PAGE_SIZE} under budget {SMALL_BUDGET}")
-    return f"{describe_window(window)}, {describe_page_size(page_size)}"
+    window_words = (f"window {window}" if window is not None
+                    else f"window {DEFAULT_WINDOW}, {SMALL_BUDGET_WINDOW} under budget {SMALL_BUDGET}")
+    page_words = (f"page {page_size}" if page_size is not None
+                  else f"page {DEFAULT_PAGE_SIZE}, {SMALL_BUDGET_PAGE_SIZE} under budget {SMALL_BUDGET}")
+    return f"{window_words}, {page_words}"
 
 
 @dataclass(frozen=True)
