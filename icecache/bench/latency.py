@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..index import available_indexes
 from ..runtime import IceRuntime, full_kv_copy, shared_prefill
-from ..runtime.budget import DEFAULT_PAGE_SIZE, Budget, default_page_size, default_window
+from ..runtime.budget import DEFAULT_PAGE_SIZE, Budget, default_page_size
 from ..runtime.tiers import TransferStats
 from .common import environment, prompt_ids, replace_block, table
 
@@ -241,13 +241,16 @@ def _command(result: dict) -> str:
     return (f"icecache bench latency --model {model} --contexts {' '.join(map(str, s['contexts']))} "
             f"--batch {' '.join(map(str, s.get('batches', [1])))} --indexes {' '.join(methods)} "
             f"--budget {s['budget']} --steps {s['steps']}" + (f" --passes {s['passes']}" if "passes" in s else "")
-            + (f" --page-size {_page_size(s)}" if _page_size(s) != default_page_size(s["budget"]) else ""))
+            + (f" --page-size {page_size}" if (page_size := _budget(s).page_size) != default_page_size(s["budget"])
+               else ""))
 
 
-def _page_size(settings: dict) -> int:
-    """A run's page size: recorded, the budget's default (`None`), or 16 (runs from before `--page-size`)."""
-    page_size = (settings.get("runtime_options") or {}).get("page_size", DEFAULT_PAGE_SIZE)
-    return Budget(settings["budget"], page_size=page_size).page_size
+def _budget(settings: dict) -> Budget:
+    """A run's budget rule, resolved: recorded window and page size, the budget's default where None, and
+    16-token pages for runs from before `--page-size`."""
+    options = settings.get("runtime_options") or {}
+    return Budget(settings["budget"], page_size=options.get("page_size", DEFAULT_PAGE_SIZE),
+                  window=options.get("window"))
 
 
 def render_latency(results: list[dict], plot: str | None = "latency/latency.png") -> str:
@@ -283,8 +286,8 @@ def render_latency(results: list[dict], plot: str | None = "latency/latency.png"
         s, env = result["settings"], result["environment"]
         lines += [f"## {s.get('model', 'smollm2-135m')}, contexts {', '.join(map(str, s['contexts']))}, "
                   f"batch {', '.join(map(str, s.get('batches', [1])))}", "",
-                  f"`{_command(result)}` ({s['dtype'] if 'dtype' in s else 'float32'}, sink 16 / window {default_window(s['budget'])} / "
-                  f"page {_page_size(s)}, {s['steps']} timed steps after {s['warmup']} warm-up, "
+                  f"`{_command(result)}` ({s['dtype'] if 'dtype' in s else 'float32'}, sink 16 / window {_budget(s).window} / "
+                  f"page {_budget(s).page_size}, {s['steps']} timed steps after {s['warmup']} warm-up, "
                   f"{'the fastest of %d passes' % s['passes'] if s.get('passes', 1) > 1 else 'one pass'}; {env['device']}, "
                   f"{env['threads']} threads, {env['date']}):", "", format_latency(result), ""]
     return "\n".join(lines)
