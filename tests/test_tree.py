@@ -173,29 +173,25 @@ def test_span_pages_follow_the_prompts_newest_positions():
     assert everything.page_table[0, 0].tolist() == list(range(96, 112))
 
 
-def test_span_lead_starts_a_run_just_before_the_hot_token():
-    # the hot token sits at the end of its grid cell (position 206 of 192..207): a grid span would cut off
-    # the 8 tokens after it (a needle's value); with span_lead=2 the run is 204..219, and a second hot
-    # token inside that run opens no second run
+def test_span_lead_takes_the_cell_before_when_the_hot_token_starts_its_own():
+    # the hot token 193 is the second token of its grid cell 192..207: with span_lead=2 the run also covers
+    # 191, so it takes the cell before too (176..207), and a second hot token inside that run (200) opens no
+    # run of its own; 300 (12 tokens into its cell) keeps one cell
     keys = torch.zeros(1, 512, 8)
-    keys[0, 206, 0] = keys[0, 210, 0] = 5.0
+    keys[0, 193, 0] = keys[0, 200, 0] = 5.0
     keys[0, 300, 1] = 4.0
     queries = torch.zeros(1, 1, 8)
     queries[0, 0, 0] = queries[0, 0, 1] = 3.0
     grid = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=0, span_pages=2, span_reach=0)
     grid.build(keys, BuildContext(queries))
     assert grid.page_table[0, 0].tolist() == list(range(192, 208))
-    lead = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=0, span_pages=2, span_lead=2)
+    lead = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=0, span_pages=2, span_lead=2,
+                              span_reach=0)
     lead.build(keys, BuildContext(queries))
-    assert lead.page_table[0, 0].tolist() == list(range(204, 220))
-    assert lead.page_table[0, 1].tolist() == list(range(298, 314))
+    assert lead.page_table[0, :2].flatten().tolist() == list(range(176, 208))
+    assert lead.page_table[0, 2].tolist() == list(range(288, 304))
     table = lead.page_table[0].flatten()
     assert sorted(table[table >= 0].tolist()) == list(range(512))  # every token still exactly once
-    # 8-token pages: the run from 204 leaves 5 tokens after 206 in its first page (< span_reach=8), so it
-    # takes the next page too and still holds the 13 tokens after the hot token
-    small = icecache.get_index("tree", head_dim=8, page_size=8, hot_pages=0, span_pages=1, span_lead=2)
-    small.build(keys, BuildContext(queries))
-    assert small.page_table[0, :2].flatten().tolist() == list(range(204, 220))
     with pytest.raises(ValueError, match="span_lead"):
         icecache.get_index("tree", head_dim=8, span_lead=-1)
 

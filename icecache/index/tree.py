@@ -116,7 +116,7 @@ class TreeOptions(IndexOptions):
     bound_candidates: int = 16
     span_pages: int = 4
     span_queries: int = 1
-    span_lead: int | None = None
+    span_lead: int = 0
     span_reach: int = 8
     peak_pages: int = 1
     hot_layout: str = "profile"
@@ -136,7 +136,7 @@ class TreeOptions(IndexOptions):
         self.require_int("bound_candidates", 0)
         self.require_int("span_pages", 0)
         self.require_int("span_queries", 1)
-        self.require_int("span_lead", 0, allow_none=True)
+        self.require_int("span_lead", 0)
         self.require_int("span_reach", 0)
         self.require_int("peak_pages", 0)
         self.require_choice("hot_layout", ("profile", "spans"))
@@ -189,12 +189,11 @@ class TreeIndex(TokenIndex):
             hottest tokens were the haystack just before the question (the older positions read their
             neighbours); the last position ranked the pass key's digits first in 5-9 of SmolLM2's 28 sparse
             layers at 4k (0-1 summed) and in 2 of Gemma 3's 3 global layers at 16k (benchmarks/RESULTS.md).
-        span_lead: None (default): a span run starts at the page-grid cell holding its hot token. An int:
-            at `span_lead` tokens before the hot token (less any an earlier span took), so what follows the
-            token (a key's value) stays on its page even when the token ends its grid cell.
-        span_reach: a run whose hot token has fewer than `span_reach` tokens after it in the run's first
-            page takes the next page too (a page on top of `span_pages`), so the digits after a key's last
-            word are not cut at a page edge. Default 8: on Gemma 3 at 16k (one digit per token) the tree
+        span_lead: a run also covers the `span_lead` tokens before its hot token (the grid cell before,
+            when the token starts its own). Default 0.
+        span_reach: a run covers the `span_reach` tokens after its hot token too (the next grid cell,
+            when fewer follow the token in its own; a page on top of `span_pages`), so the digits after a
+            key's last word are not cut at a page edge. Default 8: on Gemma 3 at 16k (one digit per token) the tree
             wrote `7050` for `70503` when the key ended its cell; on 13 replayed 16k questions budget 256
             answered 13 with it against 7, and SmolLM2's 4k suite kept 0.69 / 1.00 / 1.00 of full KV's
             answers at budgets 64 / 128 / 256 against 0.73 / 0.92 / 0.92 (RESULTS.md).
@@ -313,9 +312,8 @@ class TreeIndex(TokenIndex):
 
     def _span_runs(self, order: torch.Tensor, n: int, count: int) -> torch.Tensor:
         """Token-order runs of whole pages for the `count` hottest tokens in `order` not yet covered
-        (positions, -1 where a run is short): from the grid page holding the token (`span_lead` None) or
-        from `span_lead` tokens before it (what follows a needle's key is its value), one page, or two
-        when fewer than `span_reach` tokens follow the token in the first; less any a previous run took."""
+        (positions, -1 where a run is short): the page-grid cells from `span_lead` tokens before the token
+        to `span_reach` after it (what follows a needle's key is its value), less any a previous run took."""
         ps, lead, reach = self.page_size, self.options.span_lead, self.options.span_reach
         runs, taken = [], torch.zeros(n, dtype=torch.bool)
         for t in order.tolist():
@@ -323,9 +321,8 @@ class TreeIndex(TokenIndex):
                 break
             if taken[t]:  # covered by an earlier run: no run of its own
                 continue
-            first = t // ps * ps if lead is None else min(max(t - lead, 0), max(n - ps, 0))
-            cells = 2 if first + ps - 1 - t < reach else 1
-            run = torch.arange(first, min(first + cells * ps, n))
+            first, last = max(t - lead, 0) // ps * ps, (min(t + reach, n - 1) // ps + 1) * ps
+            run = torch.arange(first, min(last, n))
             run = run[~taken[run]]
             taken[run] = True
             runs.append(torch.nn.functional.pad(run, (0, -run.numel() % ps), value=-1))  # whole pages
