@@ -211,6 +211,41 @@ def test_joined_runs_take_each_budget_from_the_run_with_todays_rule():
         join_budgets([pages, pages])
 
 
+def test_added_rows_and_relabelled_defaults_keep_the_questions_paired():
+    from icecache.bench.tasks import add_rows, relabel
+
+    def run(method, budgets, answers, full=(True, True)):
+        records = []
+        for j, (full_ok, ok) in enumerate(zip(full, answers)):
+            question = {"kind": "passkey", "context": 1000, "depth": 0.25 + j / 4, "source": "pydoc", "seed": j}
+            records.append({**question, "method": "full KV", "budget": None, "correct": full_ok})
+            records += [{**question, "method": method, "budget": b, "correct": ok} for b in budgets]
+        settings = {"kinds": ["passkey"], "contexts": [1000], "budgets": budgets, "questions": 2, "seed": 0,
+                    "indexes": [method], "runtime_options": {"select_every": 1, "sink": 16, "window": None,
+                                                             "page_size": None}}
+        return {"benchmark": "tasks", "settings": settings, "records": records}
+
+    base = run("tree", [64, 128], [False, True])
+    variant = run("tree:span_reach=16", [128], [True, True])
+    # the default changed at budget 128: the old rows keep the name that reproduces them, the new take "tree"
+    adopted = add_rows(relabel(base, {"tree": "tree:span_reach=8"}, [128]),
+                       relabel(variant, {"tree:span_reach=16": "tree"}))
+    kept = {(r["method"], r["budget"]): r["of_full_kv"] for r in adopted["summary"]}
+    assert kept[("tree", 64)] == 0.5 and kept[("tree", 128)] == 1.0 and kept[("tree:span_reach=8", 128)] == 0.5
+    assert adopted["settings"]["indexes"] == ["tree", "tree:span_reach=8"] and len(adopted["records"]) == 8
+    assert adopted["added"][0]["methods"] == ["tree"] and adopted["relabelled"][0]["budgets"] == [128]
+    with pytest.raises(ValueError, match="already has rows"):
+        add_rows(base, run("tree", [128], [True, True]))
+    with pytest.raises(ValueError, match="full-KV answers"):
+        add_rows(base, run("exact", [128], [True, True], full=(True, False)))
+    with pytest.raises(ValueError, match="merge rows"):
+        relabel(add_rows(base, variant), {"tree:span_reach=16": "tree"})
+    other_rule = run("exact", [128], [True, True])
+    other_rule["settings"]["runtime_options"] = {**other_rule["settings"]["runtime_options"], "page_size": 8}
+    with pytest.raises(ValueError, match="budget rules"):
+        add_rows(base, other_rule)
+
+
 def test_latency_tables_are_rendered_from_the_committed_json():
     import json
     from pathlib import Path

@@ -196,6 +196,47 @@ def join_budgets(results: list[dict]) -> dict:
                        for i, r in enumerate(results)]}
 
 
+def add_rows(base: dict, extra: dict) -> dict:
+    """`base` with the index rows of `extra`, a run of the same questions (more methods, or a method at more
+    budgets): full KV's answers must agree question by question, no (method, budget) may be in both, and
+    each added budget must have run under the same rule in both. `added` keeps each addition's environment,
+    methods and budgets."""
+    full = lambda r: {_question(rec): bool(rec["correct"]) for rec in r["records"] if rec["method"] == FULL}
+    if full(extra) != full(base):
+        raise ValueError("the run to add must ask the same questions as the base with the same full-KV answers")
+    rows = [rec for rec in extra["records"] if rec["method"] != FULL]
+    have = {(rec["method"], rec["budget"]) for rec in base["records"]}
+    clash = sorted({(rec["method"], rec["budget"]) for rec in rows} & have)
+    if clash:
+        raise ValueError(f"the base already has rows for {clash}; relabel one side first")
+    budgets = sorted({rec["budget"] for rec in rows})
+    differ = [b for b in budgets if effective_rule(extra["settings"], b) != effective_rule(base["settings"], b)]
+    if differ:
+        raise ValueError(f"the runs applied different budget rules at budgets {differ}")
+    methods = list(dict.fromkeys(rec["method"] for rec in rows))
+    records = base["records"] + rows
+    settings = {**base["settings"], "indexes": list(dict.fromkeys((base["settings"].get("indexes") or []) + methods))}
+    added = base.get("added", []) + [{"environment": extra.get("environment"), "methods": methods, "budgets": budgets}]
+    return {**base, "settings": settings, "records": records, "summary": summarize(records), "added": added}
+
+
+def relabel(result: dict, names: dict[str, str], budgets: list[int] | None = None) -> dict:
+    """`result` with its rows of method `old` named `new` for each `old: new` in `names` (at `budgets` only,
+    or all), for when a default changes: the rows the old default gave keep the name that reproduces them
+    today. `relabelled` keeps each renaming."""
+    chosen = lambda rec: rec["method"] in names and (budgets is None or rec["budget"] in budgets)
+    have = {(rec["method"], rec["budget"]) for rec in result["records"] if not chosen(rec)}
+    records = [{**rec, "method": names[rec["method"]]} if chosen(rec) else rec for rec in result["records"]]
+    clash = sorted({(names[rec["method"]], rec["budget"]) for rec in result["records"] if chosen(rec)} & have)
+    if clash:
+        raise ValueError(f"relabelling would merge rows into existing ones: {clash}")
+    indexes = [i for old in (result["settings"].get("indexes") or []) for i in ([old, names[old]] if old in names
+               else [old])]
+    note = {"names": dict(names), "budgets": budgets}
+    return {**result, "settings": {**result["settings"], "indexes": list(dict.fromkeys(indexes))},
+            "records": records, "summary": summarize(records), "relabelled": result.get("relabelled", []) + [note]}
+
+
 def summarize(records: list[dict]) -> list[dict]:
     """Per (method, budget), over every context: accuracy per task kind and overall with its 95% Wilson
     interval, the share of full KV's answers kept, and paired comparisons (McNemar's exact test on the
@@ -342,10 +383,21 @@ if __name__ == "__main__":
 
     # python -m icecache.bench.tasks benchmarks/tasks_suite/*.json > benchmarks/TASKS.md [--readme README.md]
     args = sys.argv[1:]
-    if args and args[0] in ("--merge", "--join"):  # python -m icecache.bench.tasks --merge OUT.json A.json B.json ...
-        combine = merge_runs if args[0] == "--merge" else join_budgets  # more seeds / more budgets
-        combined = combine([json.loads(Path(p).read_text()) for p in args[2:]])
+    if args and args[0] in ("--merge", "--join", "--add"):  # python -m icecache.bench.tasks --merge OUT A.json B.json ...
+        runs = [json.loads(Path(p).read_text()) for p in args[2:]]
+        if args[0] == "--add":  # more methods on the same questions
+            combined = runs[0]
+            for extra in runs[1:]:
+                combined = add_rows(combined, extra)
+        else:  # more seeds / more budgets
+            combined = (merge_runs if args[0] == "--merge" else join_budgets)(runs)
         Path(args[1]).write_text(json.dumps(combined, indent=1))
+        raise SystemExit(0)
+    if args and args[0] == "--relabel":  # --relabel OUT IN OLD->NEW ... [--budgets 128 256]
+        budgets = [int(b) for b in args[args.index("--budgets") + 1:]] if "--budgets" in args else None
+        pairs = args[3:args.index("--budgets")] if "--budgets" in args else args[3:]
+        result = relabel(json.loads(Path(args[2]).read_text()), dict(p.split("->", 1) for p in pairs), budgets)
+        Path(args[1]).write_text(json.dumps(result, indent=1))
         raise SystemExit(0)
     readme = args[args.index("--readme") + 1] if "--readme" in args else None
     paths = [a for a in args if a.endswith(".json")]
