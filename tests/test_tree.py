@@ -163,12 +163,13 @@ def test_span_pages_follow_the_prompts_newest_positions():
     query_heads = torch.stack([old] * 7 + [new]).expand(2, 8, 8)  # [q_heads, positions, head_dim]
     context = BuildContext.from_query_heads(query_heads, kv_heads=1)
     assert context.queries.shape == (1, 16, 8) and context.group == 2 and torch.equal(context.queries[0, -2], new)  # the newest position last
-    index = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=1, hot_tiers=1, span_pages=1)
+    index = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=1, hot_tiers=1, span_pages=1,
+                               span_reach=0)  # one cell per run (span_reach: its own test)
     index.build(keys, context)
     assert index.page_table[0, 0].tolist() == list(range(400, 416))
     assert 100 in index.page_table[0, 1].tolist()
     everything = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=1, hot_tiers=1, span_pages=1,
-                                    span_queries=8)  # every position: the older reading wins
+                                    span_queries=8, span_reach=0)  # every position: the older reading wins
     everything.build(keys, context)
     assert everything.page_table[0, 0].tolist() == list(range(96, 112))
 
@@ -217,6 +218,10 @@ def test_span_reach_takes_the_next_cell_when_the_hot_token_ends_its_cell():
     grid = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=0, span_pages=3, span_reach=0)
     grid.build(keys, BuildContext(queries))
     assert grid.page_table[0, 0].tolist() == list(range(192, 208)) and grid._pinned == 3
+    # by default a run covers a page's worth of tokens after its hot token: 292 takes 304..319 too
+    default = icecache.get_index("tree", head_dim=8, page_size=16, hot_pages=0, span_pages=3)
+    default.build(keys, BuildContext(queries))
+    assert default.page_table[0, 2:4].flatten().tolist() == list(range(288, 320))
     with pytest.raises(ValueError, match="span_reach"):
         icecache.get_index("tree", head_dim=8, span_reach=-1)
 

@@ -230,8 +230,8 @@ def relabel(result: dict, names: dict[str, str], budgets: list[int] | None = Non
     clash = sorted({(names[rec["method"]], rec["budget"]) for rec in result["records"] if chosen(rec)} & have)
     if clash:
         raise ValueError(f"relabelling would merge rows into existing ones: {clash}")
-    indexes = [i for old in (result["settings"].get("indexes") or []) for i in ([old, names[old]] if old in names
-               else [old])]
+    left = {rec["method"] for rec in records}  # an old name stays listed while some of its rows keep it
+    indexes = [i for old in (result["settings"].get("indexes") or []) for i in [old, names.get(old)] if i in left]
     note = {"names": dict(names), "budgets": budgets}
     return {**result, "settings": {**result["settings"], "indexes": list(dict.fromkeys(indexes))},
             "records": records, "summary": summarize(records), "relabelled": result.get("relabelled", []) + [note]}
@@ -347,9 +347,14 @@ def render_suite(results: list[dict], where: tuple[str, str] = SUITE) -> str:
 README_START, README_END = "<!-- tasks-suite:start -->", "<!-- tasks-suite:end -->"
 
 
-def suite_readme_block(results: list[dict], methods=("tree", "exact")) -> str:
+#: the README's methods: the default index, its previous default where a run has not measured today's at
+#: every budget yet (`relabel`), and the token-order oracle
+README_METHODS = ("tree", "tree:span_reach=8", "exact")
+
+
+def suite_readme_block(results: list[dict], methods=README_METHODS) -> str:
     """The README's needle-question lines: per suite run and context, the share of full KV's answers that
-    `methods` keep at each budget (from the same JSON as benchmarks/TASKS.md)."""
+    `methods` keep at each budget ("-" where a method did not run; from the same JSON as benchmarks/TASKS.md)."""
     lines = []
     for result in results:
         for context in result["settings"]["contexts"]:
@@ -360,8 +365,8 @@ def suite_readme_block(results: list[dict], methods=("tree", "exact")) -> str:
             full = next(r for r in summary if r["method"] == FULL)
             budgets = sorted({r["budget"] for r in summary if r["method"] != FULL})
             kept = {(r["method"], r["budget"]): r["of_full_kv"] for r in summary}
-            shares = "; ".join(f"{m} " + " / ".join(f"{kept[(m, b)]:.2f}" for b in budgets)
-                               for m in methods if all((m, b) in kept for b in budgets))
+            shares = "; ".join(f"{m} " + " / ".join(f"{kept[(m, b)]:.2f}" if (m, b) in kept else "-" for b in budgets)
+                               for m in methods if any((m, b) in kept for b in budgets))
             model = result["settings"].get("model", "smollm2-135m")
             rule = _rule(result["settings"])  # None: the budget's default
             rule = "".join(f"; {name} {rule[key]}" for key, name in (("window", "window"), ("page_size", "page"))

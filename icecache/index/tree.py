@@ -4,9 +4,9 @@ Per KV head, tokens are split recursively in two by 2-means on keys augmented fo
 (`k' = [k, sqrt(M^2 - |k|^2)]`), each split cut so that the left side holds whole pages: every leaf of
 the resulting binary tree is one full page (fill ~1.0 at build), and siblings get adjacent page ids.
 Tokens the prefill's last queries attend to most ("hot" tokens) are laid out first. The very first pages
-(`span_pages`, 4 runs by default) are token-order runs: the page-grid cell around each of the tokens the
-prompt's last position attends to most (and the next cell when the token ends its own: `span_reach`),
-so a needle keeps its key, its value and its digits together and in order; a page clustered by role
+(`span_pages`, 4 runs by default) are token-order runs: the page-grid cells around each of the tokens the
+prompt's last position attends to most, from the token's own cell to a page's worth of tokens after it
+(`span_reach`), so a needle keeps its key, its value and its digits together and in order; a page clustered by role
 would bind the keys of several needles and none of their values (benchmarks/RESULTS.md). The next
 hottest follow in tiers of growing size (8, 24, 72 pages by default: the hottest tokens pack tightest), and within a tier by the same
 balanced 2-means over their *attention profile* (the square root of the attention probability each
@@ -117,7 +117,7 @@ class TreeOptions(IndexOptions):
     span_pages: int = 4
     span_queries: int = 1
     span_lead: int = 0
-    span_reach: int = 8
+    span_reach: int | None = None
     peak_pages: int = 1
     hot_layout: str = "profile"
 
@@ -137,7 +137,7 @@ class TreeOptions(IndexOptions):
         self.require_int("span_pages", 0)
         self.require_int("span_queries", 1)
         self.require_int("span_lead", 0)
-        self.require_int("span_reach", 0)
+        self.require_int("span_reach", 0, allow_none=True)
         self.require_int("peak_pages", 0)
         self.require_choice("hot_layout", ("profile", "spans"))
 
@@ -177,7 +177,7 @@ class TreeIndex(TokenIndex):
             no recall (4k: 0.728 with them, 0.727 without). `search="scan"` only.
         span_pages: token-order runs laid out first, before the hot tiers: the page-grid cell
             `[w * page_size, (w + 1) * page_size)` holding each of the hottest tokens not yet covered (and
-            the next cell when `span_reach` asks: a run is one or two pages), so
+            the cells up to `span_reach` tokens after it: two pages by default), so
             a needle's tokens stay together and in order (a key and the value after it, the digits of a
             number); they are always rescored, like the first hot tier. Semantic pages bind tokens by
             role, so one page can hold the keys of several needles and none of their values. Default 4: at
@@ -193,10 +193,12 @@ class TreeIndex(TokenIndex):
             when the token starts its own). Default 0.
         span_reach: a run covers the `span_reach` tokens after its hot token too (the next grid cell,
             when fewer follow the token in its own; a page on top of `span_pages`), so the digits after a
-            key's last word are not cut at a page edge. Default 8: on Gemma 3 at 16k (one digit per token) the tree
-            wrote `7050` for `70503` when the key ended its cell; on 13 replayed 16k questions budget 256
-            answered 13 with it against 7, and SmolLM2's 4k suite kept 0.69 / 1.00 / 1.00 of full KV's
-            answers at budgets 64 / 128 / 256 against 0.73 / 0.92 / 0.92 (RESULTS.md).
+            key's last word are not cut at a page edge. Default None: the page size (a page's worth of
+            tokens after the hot token). On Gemma 3 at 16k (one digit per token) the tree wrote `7050` for
+            `70503` when the key ended its cell; with `span_reach=8` budget 256 answered 13 of 13 replayed
+            16k questions against 7. With 16-token pages, 16 rather than 8 kept 0.95 / 0.95 of full KV's
+            answers at budgets 128 / 256 on SmolLM2's 4k suite against 0.91 / 0.93 (2k: 0.935 / 0.963
+            against 0.944 / 0.963; benchmarks/RESULTS.md, "A page's worth after the hot token").
         peak_pages: the first `peak_pages` selected pages are the candidates holding the most probable
             single tokens (a page's best token, over the group's query heads), the rest go by attention
             mass. A copy step needs its one next token, which a page of many moderately attended tokens
@@ -315,6 +317,7 @@ class TreeIndex(TokenIndex):
         (positions, -1 where a run is short): the page-grid cells from `span_lead` tokens before the token
         to `span_reach` after it (what follows a needle's key is its value), less any a previous run took."""
         ps, lead, reach = self.page_size, self.options.span_lead, self.options.span_reach
+        reach = ps if reach is None else reach
         runs, taken = [], torch.zeros(n, dtype=torch.bool)
         for t in order.tolist():
             if len(runs) == count:
