@@ -212,7 +212,7 @@ def test_joined_runs_take_each_budget_from_the_run_with_todays_rule():
 
 
 def test_added_rows_and_relabelled_defaults_keep_the_questions_paired():
-    from icecache.bench.tasks import add_rows, relabel
+    from icecache.bench.tasks import add_rows, readme_methods, relabel, suite_readme_block
 
     def run(method, budgets, answers, full=(True, True)):
         records = []
@@ -234,6 +234,9 @@ def test_added_rows_and_relabelled_defaults_keep_the_questions_paired():
     assert kept[("tree", 64)] == 0.5 and kept[("tree", 128)] == 1.0 and kept[("tree:span_reach=8", 128)] == 0.5
     assert adopted["settings"]["indexes"] == ["tree", "tree:span_reach=8"] and len(adopted["records"]) == 8
     assert adopted["added"][0]["methods"] == ["tree"] and adopted["relabelled"][0]["budgets"] == [128]
+    # the README line shows the old default's rows beside today's until today's cover every budget
+    assert readme_methods(adopted) == ("tree", "tree:span_reach=8", "exact") and readme_methods(base) == ("tree", "exact")
+    assert "tree 0.50 / 1.00; tree:span_reach=8 - / 0.50" in suite_readme_block([adopted])
     with pytest.raises(ValueError, match="already has rows"):
         add_rows(base, run("tree", [128], [True, True]))
     with pytest.raises(ValueError, match="full-KV answers"):

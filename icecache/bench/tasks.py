@@ -111,6 +111,14 @@ RULE_DEFAULTS = {"select_every": 1, "sink": 16, "window": 32, "page_size": DEFAU
 CLI_DEFAULTS = {**RULE_DEFAULTS, "window": None, "page_size": None}
 
 
+def _full_answers(result: dict, seeds: dict | None = None) -> dict:
+    """Full KV's answer per question of `result`: {question: correct}. `seeds` fills in the task seed of
+    records from runs that did not record one ({(kind, context, depth, source): seed})."""
+    seeds = seeds or {}
+    return {_question({**rec, "seed": rec.get("seed", seeds.get(_question(rec)[:4]))}): bool(rec["correct"])
+            for rec in result["records"] if rec["method"] == FULL}
+
+
 def _rule(settings: dict) -> dict:
     return {**RULE_DEFAULTS, **(settings.get("runtime_options") or {})}
 
@@ -181,13 +189,8 @@ def join_budgets(results: list[dict]) -> dict:
     for rec in records:
         if rec.get("seed") is None and _question(rec)[:4] in seeds:
             rec["seed"] = seeds[_question(rec)[:4]]
-    full = None
-    for r in results:
-        theirs = {_question({**rec, "seed": rec.get("seed", seeds.get(_question(rec)[:4]))}): bool(rec["correct"])
-                  for rec in r["records"] if rec["method"] == FULL}
-        if full is not None and theirs != full:
-            raise ValueError("the runs to join must ask the same questions with the same full-KV answers")
-        full = theirs
+    if any(_full_answers(r, seeds) != _full_answers(results[0], seeds) for r in results[1:]):
+        raise ValueError("the runs to join must ask the same questions with the same full-KV answers")
     settings = {**first, "budgets": sorted(taken), "runtime_options": dict(CLI_DEFAULTS), "model": model(first),
                 "indexes": list(dict.fromkeys(i for r in results for i in r["settings"].get("indexes") or []))}
     return {**results[0], "settings": settings, "records": records, "summary": summarize(records),
@@ -201,8 +204,7 @@ def add_rows(base: dict, extra: dict) -> dict:
     budgets): full KV's answers must agree question by question, no (method, budget) may be in both, and
     each added budget must have run under the same rule in both. `added` keeps each addition's environment,
     methods and budgets."""
-    full = lambda r: {_question(rec): bool(rec["correct"]) for rec in r["records"] if rec["method"] == FULL}
-    if full(extra) != full(base):
+    if _full_answers(extra) != _full_answers(base):
         raise ValueError("the run to add must ask the same questions as the base with the same full-KV answers")
     rows = [rec for rec in extra["records"] if rec["method"] != FULL]
     have = {(rec["method"], rec["budget"]) for rec in base["records"]}
@@ -230,8 +232,13 @@ def relabel(result: dict, names: dict[str, str], budgets: list[int] | None = Non
     clash = sorted({(names[rec["method"]], rec["budget"]) for rec in result["records"] if chosen(rec)} & have)
     if clash:
         raise ValueError(f"relabelling would merge rows into existing ones: {clash}")
-    left = {rec["method"] for rec in records}  # an old name stays listed while some of its rows keep it
-    indexes = [i for old in (result["settings"].get("indexes") or []) for i in [old, names.get(old)] if i in left]
+    left = {rec["method"] for rec in records}
+    indexes = []
+    for old in result["settings"].get("indexes") or []:
+        if old in left:  # an old name stays listed while some of its rows keep it
+            indexes.append(old)
+        if names.get(old) in left:
+            indexes.append(names[old])
     note = {"names": dict(names), "budgets": budgets}
     return {**result, "settings": {**result["settings"], "indexes": list(dict.fromkeys(indexes))},
             "records": records, "summary": summarize(records), "relabelled": result.get("relabelled", []) + [note]}
@@ -347,16 +354,26 @@ def render_suite(results: list[dict], where: tuple[str, str] = SUITE) -> str:
 README_START, README_END = "<!-- tasks-suite:start -->", "<!-- tasks-suite:end -->"
 
 
-#: the README's methods: the default index, its previous default where a run has not measured today's at
-#: every budget yet (`relabel`), and the token-order oracle
-README_METHODS = ("tree", "tree:span_reach=8", "exact")
+#: the README's default index and token-order oracle
+DEFAULT_INDEX, ORACLE = "tree", "exact"
 
 
-def suite_readme_block(results: list[dict], methods=README_METHODS) -> str:
+def readme_methods(result: dict) -> tuple[str, ...]:
+    """The methods a run's README line shows: the default index, the names its rows from earlier defaults
+    were given (`relabel`: where the run has not measured today's default at every budget yet, they stand
+    beside it), and the token-order oracle."""
+    earlier = [new for note in result.get("relabelled", []) for old, new in note["names"].items()
+               if old == DEFAULT_INDEX]
+    return (DEFAULT_INDEX, *dict.fromkeys(earlier), ORACLE)
+
+
+def suite_readme_block(results: list[dict], methods: tuple[str, ...] | None = None) -> str:
     """The README's needle-question lines: per suite run and context, the share of full KV's answers that
-    `methods` keep at each budget ("-" where a method did not run; from the same JSON as benchmarks/TASKS.md)."""
+    `methods` (by default `readme_methods(run)`) keep at each budget ("-" where a method did not run; from the
+    same JSON as benchmarks/TASKS.md)."""
     lines = []
     for result in results:
+        shown = methods or readme_methods(result)
         for context in result["settings"]["contexts"]:
             records = [r for r in result["records"] if r["context"] == context]
             if not records:
@@ -366,7 +383,7 @@ def suite_readme_block(results: list[dict], methods=README_METHODS) -> str:
             budgets = sorted({r["budget"] for r in summary if r["method"] != FULL})
             kept = {(r["method"], r["budget"]): r["of_full_kv"] for r in summary}
             shares = "; ".join(f"{m} " + " / ".join(f"{kept[(m, b)]:.2f}" if (m, b) in kept else "-" for b in budgets)
-                               for m in methods if any((m, b) in kept for b in budgets))
+                               for m in shown if any((m, b) in kept for b in budgets))
             model = result["settings"].get("model", "smollm2-135m")
             rule = _rule(result["settings"])  # None: the budget's default
             rule = "".join(f"; {name} {rule[key]}" for key, name in (("window", "window"), ("page_size", "page"))
