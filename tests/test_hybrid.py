@@ -3,7 +3,7 @@ Gemma 3: sliding-window layers keep transformers' window layer, full-attention l
 
 import pytest
 import torch
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig
+from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig
 
 import icecache
 from icecache.runtime import chunked_prefill, full_kv_copy, layer_plan
@@ -36,6 +36,16 @@ def test_layer_plan_reads_the_config_layer_types(model):
     assert [k for k, _ in layer_plan(model.config, dense_layers=3)][2] == "dense"
     llama = LlamaConfig(num_hidden_layers=4)
     assert [k for k, _ in layer_plan(llama, dense_layers=1)] == ["dense", "sparse", "sparse", "sparse"]
+
+
+def test_soft_capped_attention_is_refused_before_the_model_is_touched():
+    config = Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, attn_logit_softcapping=50.0)
+    gemma2 = Gemma2ForCausalLM(config).eval()
+    before = gemma2.config._attn_implementation
+    with pytest.raises(ValueError, match="attn_logit_softcapping=50.0"):
+        icecache.IceRuntime(index="tree", budget=64).new_cache(gemma2)
+    assert gemma2.config._attn_implementation == before
 
 
 @pytest.mark.parametrize("name", icecache.available_indexes())

@@ -205,6 +205,11 @@ def layer_plan(config, dense_layers: int) -> list[tuple[str, dict]]:
     from transformers.cache_utils import get_layer_types_and_kwargs
 
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    softcap = getattr(text_config, "attn_logit_softcapping", None)
+    if softcap:  # the kernel, the indexes' ranking and the resident log-sum-exp all score by a plain softmax
+        raise ValueError(f"this model soft-caps its attention logits (config.attn_logit_softcapping={softcap}, "
+                         "as Gemma 2 does), which IceRuntime does not support; models without it (Llama, Mistral, "
+                         "Qwen2/3, Gemma 3, ...) work")
     layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
     plan = []
     for i, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
