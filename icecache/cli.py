@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from .bench.cli import check_rows, positive_int
+
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import format_table, run_demo
@@ -63,13 +65,24 @@ def _export_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_demo(args: argparse.Namespace) -> None:
+    from .demo import DEMO_INDEXES
+    from .index import available_indexes
+
+    indexes = available_indexes() if args.all_indexes else args.indexes or DEMO_INDEXES
+    unknown = [name for name in indexes if name not in available_indexes()]
+    if unknown:  # the demo takes index names; variants (NAME:OPTION=VALUE) are `icecache bench` rows
+        raise ValueError(f"unknown index(es) {unknown} for --indexes; available indexes: {available_indexes()}")
+    check_rows(indexes, args.budgets)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="icecache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="long-context pass-key demo: full KV beside the default index and exact")
-    demo.add_argument("--samples", type=int, default=6, help="questions per configuration")
-    demo.add_argument("--context", type=int, default=4096, help="context length in tokens")
-    demo.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256])
+    demo.add_argument("--samples", type=positive_int, default=6, help="questions per configuration")
+    demo.add_argument("--context", type=positive_int, default=4096, help="context length in tokens")
+    demo.add_argument("--budgets", type=positive_int, nargs="+", default=[64, 128, 256])
     demo.add_argument("--indexes", nargs="+", default=None,
                       help="index names (default: the default index and exact)")
     demo.add_argument("--all-indexes", action="store_true", help="every available index (about 6 minutes at 4k)")
@@ -78,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     demo.add_argument("--model", default=DEFAULT_MODEL, choices=available_models(),
                       help=f"embedded model (default {DEFAULT_MODEL}; gemma3-270m reads up to 32k tokens)")
-    demo.set_defaults(run=_demo)
+    demo.set_defaults(run=_demo, parser=demo, check=_check_demo)
 
     models = sub.add_parser("models", help="list the embedded models, or prepare them (one-time conversion)")
     models.add_argument("action", nargs="?", choices=["list", "prepare"], default="list")
@@ -94,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
 
     add_bench_commands(sub)
     args = parser.parse_args(argv)
+    if hasattr(args, "check"):
+        try:  # a bad index, option or budget rule is a usage error, reported before any model loads
+            args.check(args)
+        except (ValueError, TypeError) as error:
+            args.parser.error(str(error))
     return args.run(args)
 
 

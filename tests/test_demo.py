@@ -1,6 +1,8 @@
-"""The demo's rows: by default full KV, the default index and `exact`."""
+"""The demo's rows: by default full KV, the default index and `exact`; the command line's checks before any model loads."""
 
 from __future__ import annotations
+
+import pytest
 
 from icecache.demo import DEMO_INDEXES, format_table, run_demo
 
@@ -15,3 +17,27 @@ def test_demo_shows_the_default_index_beside_full_kv_and_exact(smollm):
     assert rows[1].device_kv_bytes < rows[0].device_kv_bytes
     assert "| tree" in format_table(rows)
 
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--budgets", "8"], "budget=8 is smaller than sink + window"),
+    (["demo", "--indexes", "tree:peak_pages=0"], "unknown index(es) ['tree:peak_pages=0'] for --indexes"),
+    (["demo", "--context", "0"], "argument --context: must be >= 1, got 0"),
+    (["bench", "tasks", "--indexes", "tree:bogus=1"], "unknown option(s) ['bogus'] for index 'tree'"),
+    (["bench", "recall", "--budgets", "64", "--window", "100"], "use budget >= 116"),
+    (["bench", "latency", "--page-size", "0"], "page_size must be >= 1, got 0"),
+    (["bench", "prefill", "--index", "nope"], "unknown index 'nope'; available indexes"),
+])
+def test_command_line_refuses_bad_rows_before_loading_a_model(argv, message, capsys, monkeypatch):
+    import icecache.models
+    from icecache.cli import main
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(icecache.models, "load_model", no_model)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and f"icecache {argv[0]}" in err

@@ -11,6 +11,27 @@ INDEX_SPEC_HELP = ("default: every registered index; a variant as NAME:OPTION=VA
                    "tree:hot_layout=spans) makes a row of its own")
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts and sizes (contexts, budgets, questions, steps, batch sizes)."""
+    value = int(text)  # argparse reports a ValueError as "invalid positive_int value"
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def check_rows(indexes: list[str] | None, budgets: list[int], **rule) -> None:
+    """Make every row's runtime once (index spec, options, budget rule), so that a bad one fails with the
+    runtime's own message before any model loads. `indexes` None: every registered index."""
+    from ..index import available_indexes
+    from ..runtime import IceRuntime
+    from .common import parse_index_spec
+
+    for spec in indexes or available_indexes():
+        name, options = parse_index_spec(spec)
+        for budget in budgets:
+            IceRuntime(index=name, budget=budget, index_options=options, **rule)
+
+
 def _load_model(args):
     from ..models import load_model
 
@@ -145,10 +166,10 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     kinds = bench.add_subparsers(dest="bench", required=True)
 
     recall = kinds.add_parser("recall", help="retrieval recall of every index on real attention")
-    recall.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192])
-    recall.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256, 512])
+    recall.add_argument("--contexts", type=positive_int, nargs="+", default=[2048, 4096, 8192])
+    recall.add_argument("--budgets", type=positive_int, nargs="+", default=[64, 128, 256, 512])
     recall.add_argument("--indexes", nargs="+", default=None, help=INDEX_SPEC_HELP)
-    recall.add_argument("--steps", type=int, default=32, help="greedy decode steps scored per context")
+    recall.add_argument("--steps", type=positive_int, default=32, help="greedy decode steps scored per context")
     recall.add_argument("--layers", type=int, nargs="+", default=None, help="default: every 3rd sparse layer")
     recall.add_argument("--prose", default=None, help="a text file to use instead of pydoc_data prose")
     recall.add_argument("--sink", type=int, default=16, help="first tokens always attended (budget rule)")
@@ -158,16 +179,17 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
                         help="tokens per KV page (budget rule; default 16, 8 under budget 128)")
     recall.add_argument("--out", default="results", help="output folder")
     _add_model_option(recall)
-    recall.set_defaults(run=_recall)
+    recall.set_defaults(run=_recall, parser=recall, check=lambda a: check_rows(
+        a.indexes, a.budgets, sink=a.sink, window=a.window, page_size=a.page_size))
 
     from ..tasks import TASK_KINDS
 
     tasks = kinds.add_parser("tasks", help="RULER-style long-context tasks: full KV beside every index")
     tasks.add_argument("--kinds", nargs="+", default=list(TASK_KINDS), choices=TASK_KINDS)
-    tasks.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096])
+    tasks.add_argument("--contexts", type=positive_int, nargs="+", default=[2048, 4096])
     tasks.add_argument("--depths", type=float, nargs="+", default=[0.25, 0.75])
-    tasks.add_argument("--budgets", type=int, nargs="+", default=[64, 256])
-    tasks.add_argument("--questions", type=int, default=None,
+    tasks.add_argument("--budgets", type=positive_int, nargs="+", default=[64, 256])
+    tasks.add_argument("--questions", type=positive_int, default=None,
                        help="questions per kind and context at evenly spread depths (instead of --depths)")
     from ..tasks import PROSE_SOURCES
 
@@ -185,15 +207,16 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
                        help="tokens per KV page (budget rule; default 16, 8 under budget 128)")
     tasks.add_argument("--out", default="results")
     _add_model_option(tasks)
-    tasks.set_defaults(run=_tasks)
+    tasks.set_defaults(run=_tasks, parser=tasks, check=lambda a: check_rows(
+        a.indexes, a.budgets, sink=a.sink, window=a.window, page_size=a.page_size, select_every=a.select_every))
 
     latency = kinds.add_parser("latency", help="decode time per token against context length")
-    latency.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    latency.add_argument("--contexts", type=positive_int, nargs="+", default=[1024, 2048, 4096, 8192])
     latency.add_argument("--indexes", nargs="+", default=None)
-    latency.add_argument("--budget", type=int, default=256)
-    latency.add_argument("--steps", type=int, default=16)
-    latency.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes (copies of one prompt)")
-    latency.add_argument("--passes", type=int, default=2,
+    latency.add_argument("--budget", type=positive_int, default=256)
+    latency.add_argument("--steps", type=positive_int, default=16)
+    latency.add_argument("--batch", type=positive_int, nargs="+", default=[1], help="batch sizes (copies of one prompt)")
+    latency.add_argument("--passes", type=positive_int, default=2,
                          help="times each method runs, in turn; a row keeps its method's fastest pass")
     latency.add_argument("--select-every", type=int, default=1,
                          help="layers sharing one page selection (IceCache(r) layer reuse)")
@@ -203,29 +226,30 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     latency.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     latency.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     latency.add_argument("--out", default="results")
-    latency.set_defaults(run=_latency)
+    latency.set_defaults(run=_latency, parser=latency, check=lambda a: check_rows(
+        a.indexes, [a.budget], page_size=a.page_size, select_every=a.select_every))
 
     from ..index import DEFAULT_INDEX
     from .prefill import METHODS
 
     prefill = kinds.add_parser("prefill", help="prefill time and peak RSS at long context, icecache vs transformers")
-    prefill.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384, 32000])
+    prefill.add_argument("--contexts", type=positive_int, nargs="+", default=[8192, 16384, 32000])
     prefill.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    prefill.add_argument("--chunk", type=int, default=2048, help="prefill chunk in tokens")
+    prefill.add_argument("--chunk", type=positive_int, default=2048, help="prefill chunk in tokens")
     prefill.add_argument("--index", default=DEFAULT_INDEX)
-    prefill.add_argument("--budget", type=int, default=256)
-    prefill.add_argument("--max-unchunked", type=int, default=16384,
+    prefill.add_argument("--budget", type=positive_int, default=256)
+    prefill.add_argument("--max-unchunked", type=positive_int, default=16384,
                          help="longest context for transformers' unchunked prefill")
     prefill.add_argument("--out", default="results")
     _add_model_option(prefill)
-    prefill.set_defaults(run=_prefill)
+    prefill.set_defaults(run=_prefill, parser=prefill, check=lambda a: check_rows([a.index], [a.budget]))
 
     kernel = kinds.add_parser("kernel", help="decode attention kernel vs SDPA and dense; bandwidth")
-    kernel.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
-    kernel.add_argument("--budgets", type=int, nargs="+", default=[256, 1024, 4096])
+    kernel.add_argument("--contexts", type=positive_int, nargs="+", default=[4096, 32768, 131072])
+    kernel.add_argument("--budgets", type=positive_int, nargs="+", default=[256, 1024, 4096])
     kernel.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
     kernel.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    kernel.add_argument("--repeats", type=int, default=50)
+    kernel.add_argument("--repeats", type=positive_int, default=50)
     kernel.add_argument("--out", default="results")
     kernel.set_defaults(run=_kernel)
 
@@ -233,9 +257,9 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     vllm.add_argument("--points", nargs="+", default=["4096x1", "4096x4", "4096x16", "8192x16"],
                       help="CONTEXTxREQUESTS: prompt tokens and concurrent requests")
     vllm.add_argument("--indexes", nargs="+", default=None)
-    vllm.add_argument("--budget", type=int, default=256)
-    vllm.add_argument("--new-tokens", type=int, default=32)
-    vllm.add_argument("--kv-cache-gib", type=int, default=8, help="VLLM_CPU_KVCACHE_SPACE")
+    vllm.add_argument("--budget", type=positive_int, default=256)
+    vllm.add_argument("--new-tokens", type=positive_int, default=32)
+    vllm.add_argument("--kv-cache-gib", type=positive_int, default=8, help="VLLM_CPU_KVCACHE_SPACE")
     vllm.add_argument("--out", default="results")
     _add_model_option(vllm)
-    vllm.set_defaults(run=_vllm)
+    vllm.set_defaults(run=_vllm, parser=vllm, check=lambda a: check_rows(a.indexes, [a.budget]))
