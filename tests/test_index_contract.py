@@ -97,6 +97,8 @@ def test_bad_input_raises_and_keeps_index(name):
         assert torch.equal(index.page_table, table) and index.num_tokens == 20, "nothing stored was lost"
     with pytest.raises(ValueError, match="queries"):
         index.search(torch.full((2, 1, 8), float("nan")), 2)
+    with pytest.raises(ValueError, match=r"queries must have 3 dimensions \[kv_heads, group, head_dim\]"):
+        index.search(keys[0], 2)
     with pytest.raises(ValueError, match="max_pages"):
         index.search(keys[:, :1], -1)
     with pytest.raises(ValueError, match="resident_lse"):

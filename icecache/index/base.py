@@ -43,14 +43,14 @@ __all__ = [
 ]
 
 
-def check_keys(keys: torch.Tensor, name: str, head_dim: int, kv_heads: int | None = None) -> None:
-    """Raise a `ValueError`/`TypeError` naming `name` unless `keys` is a finite float `[kv_heads, n, head_dim]`."""
+def check_keys(keys: torch.Tensor, name: str, head_dim: int, kv_heads: int | None = None,
+               shape: str = "[kv_heads, tokens, head_dim]") -> None:
+    """Raise a `ValueError`/`TypeError` naming `name` unless `keys` is a finite float `[kv_heads, n, head_dim]`
+    (`shape` names the axes in the message)."""
     if not isinstance(keys, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape [kv_heads, tokens, head_dim], got {type(keys).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape}, got {type(keys).__name__}")
     if keys.dim() != 3:
-        raise ValueError(
-            f"{name} must have 3 dimensions [kv_heads, tokens, head_dim], got shape {tuple(keys.shape)}"
-        )
+        raise ValueError(f"{name} must have 3 dimensions {shape}, got shape {tuple(keys.shape)}")
     if not keys.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor (float32, float16 or bfloat16), got {keys.dtype}")
     if keys.shape[-1] != head_dim:
@@ -83,7 +83,7 @@ def _all_below_inf(values: torch.Tensor) -> bool:
 
 def check_queries(queries: torch.Tensor, head_dim: int, kv_heads: int) -> None:
     """Validate decode queries `[kv_heads, group, head_dim]` (every query head sharing a KV head)."""
-    check_keys(queries, "queries", head_dim, kv_heads)
+    check_keys(queries, "queries", head_dim, kv_heads, shape="[kv_heads, group, head_dim]")
     if queries.shape[1] == 0:
         raise ValueError("queries must hold at least one query head per kv head, got group size 0")
 
