@@ -201,17 +201,18 @@ def readme_block() -> str:
         row = {r["index"]: r["recall"] for r in recall["rows"] if r["context"] == top and r["budget"] == budget}
         ranked = ", ".join(f"{name} {value:.3f}" for name, value in sorted(row.items(), key=lambda kv: -kv[1]))
         lines.append(f"- retrieval recall at {top} tokens, budget {budget}: {ranked}")
-    for name in ("tasks16k/tasks.json", "tasks32k/tasks.json"):
-        tasks = _load(name)
-        if tasks:
-            context = tasks["settings"]["contexts"][0]
-            n = len([r for r in tasks["records"] if r["method"] == "full KV"])
-            summary = summarize(tasks["records"])
-            full = next(r for r in summary if r["method"] == "full KV")
-            kept = ", ".join(f"{r['method']}@{r['budget']} {r['of_full_kv']:.2f}" for r in summary
-                             if r["method"] in ("tree", "exact"))
-            lines.append(f"- tasks at ~{context} tokens ({n} questions; full KV answers {full['accuracy']:.2f}), "
-                         f"the tree before its span pages: share of full KV's answers kept: {kept}")
+    suite = sorted((HERE / "tasks_suite").glob("gemma3_*.json"))
+    if suite:  # today's task numbers live in the suite (TASKS.md); the runs here predate the tree's span pages
+        kinds: dict[int, dict] = {}  # context -> kinds run there
+        for path in suite:
+            settings = json.loads(path.read_text())["settings"]
+            for c in settings["contexts"]:
+                kinds.setdefault(c, {}).update(dict.fromkeys(settings["kinds"]))
+        where = "; ".join(f"~{c} tokens ({', '.join(k)})" for c, k in sorted(kinds.items()))
+        lines.append(f"- tasks at {where}: the "
+                     "`gemma3-270m` lines of the task suite above ([`benchmarks/TASKS.md`](benchmarks/TASKS.md)); "
+                     "the first runs, before the tree's span pages, are in "
+                     "[`benchmarks/LONG_CONTEXT.md`](benchmarks/LONG_CONTEXT.md)")
     latency = _load("latency.json")
     if latency:
         top = max(latency["settings"]["contexts"])
