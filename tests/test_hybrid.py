@@ -122,3 +122,13 @@ def test_padded_batch_on_hybrid_layers_matches_each_prompt_alone(model):
     for b, p in enumerate(prompts):
         alone = model.generate(p[None], cache=make(), max_new_tokens=8, do_sample=False)[0, len(p):]
         assert torch.equal(out[b], alone)
+
+
+def test_crop_is_refused_before_any_layer_changes(model, prompt):
+    runtime = icecache.IceRuntime(index="tree", budget=64, page_size=4, sink=4, window=8)
+    cache = runtime.new_cache(model)
+    model.generate(prompt, cache=cache, max_new_tokens=3, do_sample=False)
+    lengths = [layer.get_seq_length() for layer in cache.layers]
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        cache.crop(-2)
+    assert [layer.get_seq_length() for layer in cache.layers] == lengths

@@ -289,6 +289,13 @@ class IceCache(Cache):
             if not isinstance(layer, IceCacheLayer) and layer.is_initialized:
                 reorder_dense(layer)
 
+    def crop(self, max_length: int) -> None:
+        """Refused, before any layer changes: a sparse layer's tokens have moved into its index, and no index
+        removes tokens (assisted and prompt-lookup decoding crop their cache: generate without them)."""
+        raise NotImplementedError("an IceCache cannot be cropped: its sparse layers' tokens are already in their "
+                                  "indexes; nothing was removed (assisted or prompt-lookup decoding needs a cache "
+                                  "that crops: run it with full KV)")
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: the batch becomes sequences `beam_idx`."""
         self._reshuffle(beam_idx.tolist(), lambda layer: layer.reorder_cache(beam_idx))
