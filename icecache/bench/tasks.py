@@ -346,8 +346,10 @@ def render_suite(results: list[dict], where: tuple[str, str] = SUITE) -> str:
                 continue
             n = len({_question(r) for r in records})
             lines += [f"## ~{context} tokens, {n} questions ({result['settings'].get('model', 'smollm2-135m')})", "",
-                      f"`{_command(result)}` ({env.get('device', 'cpu')}, {env.get('date', '')})", "",
-                      format_tasks({**result, "summary": summarize(records)}), ""]
+                      f"`{_command(result)}` ({env.get('device', 'cpu')}, {env.get('date', '')})", ""]
+            if result.get("notes"):  # how the run's rows came together (merged, joined, added, relabelled)
+                lines += [f"Notes: {result['notes']}", ""]
+            lines += [format_tasks({**result, "summary": summarize(records)}), ""]
     return "\n".join(lines)
 
 
