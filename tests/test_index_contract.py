@@ -172,6 +172,8 @@ def test_equal_options_make_equal_index_signatures():
 def test_registry_errors_name_the_choices():
     with pytest.raises(ValueError, match="unknown index 'nope'.*exact"):
         icecache.get_index("nope", head_dim=8)
+    with pytest.raises(ValueError, match="pass index='tree' and index_options"):
+        icecache.IceRuntime(index="tree:span_reach=8")
     with pytest.raises(TypeError):
         icecache.get_index(3, head_dim=8)
     with pytest.raises(ValueError, match="head_dim"):

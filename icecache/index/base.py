@@ -387,7 +387,12 @@ def index_class(name: str) -> type[TokenIndex]:
     if not isinstance(name, str):
         raise TypeError(f"index must be a name (str), one of {available_indexes()}, got {type(name).__name__}")
     if name not in _REGISTRY:
-        raise ValueError(f"unknown index {name!r}; available indexes: {available_indexes()}")
+        hint = ""
+        if ":" in name:  # a benchmark row's spec, NAME:OPTION=VALUE,...
+            base, _, options = name.partition(":")
+            hint = (f" (a benchmark row's variant: in Python pass index={base.strip()!r} and "
+                    f"index_options={{...}} for {options!r})")
+        raise ValueError(f"unknown index {name!r}; available indexes: {available_indexes()}{hint}")
     return _REGISTRY[name]
 
 
