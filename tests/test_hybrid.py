@@ -98,6 +98,23 @@ def test_small_budget_keeps_sparse_layers_within_budget_plus_window(model, promp
             assert layer.full_kv_bytes == 2 * 23 * 32 * 4  # window - 1 tokens, 1 KV head, head_dim 32, fp32
 
 
+@pytest.mark.parametrize("name", ["tree", "exact"])
+def test_the_device_tier_grows_with_the_index_up_to_the_budget(model, prompt, name):
+    # a prompt shorter than the budget: the device holds sink, window and the index's pages, not the budget
+    for budget, expect_all in ((1024, True), (32, False)):
+        runtime = icecache.IceRuntime(index=name, budget=budget, page_size=4, sink=4, window=8)
+        cache = runtime.new_cache(model)
+        model.generate(prompt, cache=cache, max_new_tokens=4, do_sample=False)
+        for row in cache.sparse_layers:
+            pages = row.index.num_pages if expect_all else runtime.budget.max_pages
+            assert row.tier.retrieval_slots == pages
+        if expect_all:  # the budget covers the context: the device holds about what full KV holds
+            report = runtime.report(cache)
+            sparse = [l for l in report.layers if l.kind == "sparse"]
+            # (partly filled tree pages and whole pages for sink and window: 1.02-1.05 here; budget-sized: 6.7)
+            assert sum(l.device_kv_bytes for l in sparse) <= 1.3 * sum(l.full_kv_bytes for l in sparse)
+
+
 def test_full_kv_copy_and_seeding_keep_the_sliding_window(model, prompt):
     from icecache.runtime import generate_after_prefill, shared_prefill
 

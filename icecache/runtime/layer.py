@@ -97,8 +97,9 @@ class SparseLayer:
             leader.followers.append(self)
         self.kv_heads, self.head_dim = kv_heads, head_dim
         self.host = HostTier(kv_heads, head_dim, dtype, device)
-        self.tier = DeviceTier(kv_heads, head_dim, budget.page_size, budget.sink, budget.window,
-                               budget.max_pages, dtype, device)
+        # retrieval slots grow with what the index holds, up to the budget's pages (`select_pages`): a context
+        # shorter than the budget never holds more on the device than full KV would
+        self.tier = DeviceTier(kv_heads, head_dim, budget.page_size, budget.sink, budget.window, 0, dtype, device)
         self.loader = BulkLoader(device)
         self.stats = TransferStats()
         self.admitted = 0  # tokens already placed in sink / window / index
@@ -231,6 +232,7 @@ class SparseLayer:
             all_pages = torch.arange(self.index.num_pages, dtype=torch.long, device=group_queries.device)
             self.tier.grow_retrieval_slots(self.index.num_pages)
             return all_pages.unsqueeze(0).expand(self.kv_heads, -1)
+        self.tier.grow_retrieval_slots(self.budget.max_pages)  # once the context outgrows the budget
         # pages are ranked by their share of each query head's *whole* attention, sink and window included
         resident = self.tier.resident_logsumexp(group_queries, scale) if self.index.uses_resident_lse else None
         # the queries come from the model's own attention call: checked there, not again per layer and step

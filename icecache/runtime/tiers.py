@@ -77,7 +77,7 @@ class HostTier:
 
 
 class DeviceTier:
-    """Fixed-size device memory of one layer, `[kv_heads, slots, page_size, head_dim]` for K and V.
+    """Device memory of one layer, `[kv_heads, slots, page_size, head_dim]` for K and V, at most the budget.
 
     The first slots hold the resident tokens: the sink, then the window as a ring buffer. The rest are
     retrieval slots, each holding one index page; `slot_page` says which (-1: none), and `active` which
@@ -147,7 +147,8 @@ class DeviceTier:
         return torch.logsumexp(logits.mul_(scale), dim=-1)
 
     def grow_retrieval_slots(self, slots: int) -> None:
-        """Make room for `slots` retrieval pages (only when the whole context fits in the budget)."""
+        """Make room for `slots` retrieval pages: a tier starts with none and grows with its index, to the
+        budget's pages (or to every page while the whole context fits in the budget)."""
         extra = slots - self.retrieval_slots
         if extra <= 0:
             return
