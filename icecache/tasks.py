@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import re
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -122,6 +123,9 @@ class TaskBuilder:
             hay.append(self.sentences[i])
             total += self._length(i)
             i = (i + 1) % len(self.sentences)
+        if total < 0.98 * n_tokens:  # each sentence is used once: a short prose makes a shorter context
+            warnings.warn(f"the prose holds ~{total} tokens, short of the {n_tokens} this haystack needs: the "
+                          "task's context is shorter than asked (use longer prose or a shorter context)", stacklevel=3)
         return hay
 
     def _assemble(self, rng: random.Random, kind: str, context_tokens: int, needles: list[str],

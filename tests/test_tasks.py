@@ -61,6 +61,8 @@ def test_two_hop_facts_lie_half_a_context_apart_and_prose_sources_differ():
     assert len(numpy_prose()) > 50_000 and ">>>" not in numpy_prose()
     with pytest.raises(ValueError, match="prose source must be one of"):
         prose_source("nope")
+    with pytest.warns(UserWarning, match="short of the"):  # 400 sentences of 11 words: ~4400 tokens
+        TaskBuilder(WordTokenizer(), prose).build("passkey", seed=1, context_tokens=8000, depth=0.5)
 
 
 @pytest.mark.model
