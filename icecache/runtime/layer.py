@@ -98,7 +98,7 @@ class SparseLayer:
         self.kv_heads, self.head_dim = kv_heads, head_dim
         self.host = HostTier(kv_heads, head_dim, dtype, device)
         # retrieval slots grow with what the index holds, up to the budget's pages (`select_pages`): a context
-        # shorter than the budget never holds more on the device than full KV would
+        # shorter than the budget holds about what full KV would on the device, not the whole budget
         self.tier = DeviceTier(kv_heads, head_dim, budget.page_size, budget.sink, budget.window, 0, dtype, device)
         self.loader = BulkLoader(device)
         self.stats = TransferStats()

@@ -77,7 +77,8 @@ class HostTier:
 
 
 class DeviceTier:
-    """Device memory of one layer, `[kv_heads, slots, page_size, head_dim]` for K and V, at most the budget.
+    """Device memory of one layer, `[kv_heads, slots, page_size, head_dim]` for K and V: sink, window and the
+    budget's pages (fewer while the index holds fewer; every page while the whole context fits the budget).
 
     The first slots hold the resident tokens: the sink, then the window as a ring buffer. The rest are
     retrieval slots, each holding one index page; `slot_page` says which (-1: none), and `active` which
