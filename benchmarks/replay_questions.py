@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from icecache.bench.common import parse_index_spec
+from icecache.index import parse_index_spec
 from icecache.bench.tasks import NEW_TOKENS
 from icecache.models import load_model, model_spec
 from icecache.runtime import IceRuntime, generate_after_prefill, shared_prefill

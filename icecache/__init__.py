@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Budget": ".runtime", "IceCache": ".runtime", "IceRuntime": ".runtime",
     "TokenIndex": ".index", "available_indexes": ".index", "get_index": ".index", "register_index": ".index",
+    "parse_index_spec": ".index",
     "DEFAULT_INDEX": ".index", "BuildContext": ".index", "SearchContext": ".index", "IndexOptions": ".index",
 }
 
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
         TokenIndex,
         available_indexes,
         get_index,
+        parse_index_spec,
         register_index,
     )
     from .runtime import Budget, IceCache, IceRuntime

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from icecache.bench.common import parse_index_spec, random_model
+from icecache.bench.common import random_model
+from icecache.index import parse_index_spec
 from icecache.bench.kernel import format_kernel, run_kernel
 
 
@@ -211,7 +212,7 @@ def test_joined_runs_take_each_budget_from_the_run_with_todays_rule():
         join_budgets([pages, pages])
 
 
-def test_added_rows_and_relabelled_defaults_keep_the_questions_paired():
+def test_added_rows_and_relabelled_defaults_keep_the_questions_paired(tmp_path):
     from icecache.bench.tasks import add_rows, readme_methods, relabel, suite_readme_block
 
     def run(method, budgets, answers, full=(True, True)):
@@ -247,6 +248,20 @@ def test_added_rows_and_relabelled_defaults_keep_the_questions_paired():
     other_rule["settings"]["runtime_options"] = {**other_rule["settings"]["runtime_options"], "page_size": 8}
     with pytest.raises(ValueError, match="budget rules"):
         add_rows(base, other_rule)
+    # the same through the module's command line, each written file carrying a note of how it came together
+    import json
+
+    from icecache.bench.tasks import main
+
+    for name, result in (("base", base), ("variant", variant)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(result))
+    assert main(["--relabel", str(tmp_path / "old.json"), str(tmp_path / "base.json"), "tree->tree:span_reach=8",
+                 "--budgets", "128", "--note", "renamed."]) == 0
+    assert main(["--relabel", str(tmp_path / "new.json"), str(tmp_path / "variant.json"), "tree:span_reach=16->tree"]) == 0
+    assert main(["--add", str(tmp_path / "out.json"), str(tmp_path / "old.json"), str(tmp_path / "new.json"),
+                 "--note", "added."]) == 0
+    written = json.loads((tmp_path / "out.json").read_text())
+    assert written["summary"] == adopted["summary"] and written["notes"] == "renamed. added."
 
 
 def test_latency_tables_are_rendered_from_the_committed_json():

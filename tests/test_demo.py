@@ -21,7 +21,7 @@ def test_demo_shows_the_default_index_beside_full_kv_and_exact(smollm):
 
 @pytest.mark.parametrize("argv, message", [
     (["demo", "--budgets", "8"], "budget=8 is smaller than sink + window"),
-    (["demo", "--indexes", "tree:peak_pages=0"], "unknown index(es) ['tree:peak_pages=0'] for --indexes"),
+    (["demo", "--indexes", "tree:peak_pages=-1"], "peak_pages must be an int >= 0, got -1"),
     (["demo", "--context", "0"], "argument --context: must be >= 1, got 0"),
     (["bench", "tasks", "--indexes", "tree:bogus=1"], "unknown option(s) ['bogus'] for index 'tree'"),
     (["bench", "recall", "--budgets", "64", "--window", "100"], "use budget >= 116"),

@@ -172,12 +172,34 @@ def test_equal_options_make_equal_index_signatures():
 def test_registry_errors_name_the_choices():
     with pytest.raises(ValueError, match="unknown index 'nope'.*exact"):
         icecache.get_index("nope", head_dim=8)
-    with pytest.raises(ValueError, match="pass index='tree' and index_options"):
-        icecache.IceRuntime(index="tree:span_reach=8")
     with pytest.raises(TypeError):
         icecache.get_index(3, head_dim=8)
     with pytest.raises(ValueError, match="head_dim"):
         icecache.get_index("exact", head_dim=0)
+
+
+def test_an_index_spec_is_the_name_with_its_options():
+    spec = "tree:span_reach=8,search=descent"
+    assert icecache.parse_index_spec(spec) == ("tree", {"span_reach": 8, "search": "descent"})
+    runtime = icecache.IceRuntime(index=spec, budget=128)
+    spelled = icecache.IceRuntime(index="tree", budget=128, index_options={"span_reach": 8, "search": "descent"})
+    assert (runtime.index_name, runtime.index_options) == ("tree", {"span_reach": 8, "search": "descent"})
+    assert runtime.index_signature == spelled.index_signature
+    assert icecache.get_index(spec, head_dim=8).options == icecache.get_index("tree", head_dim=8, span_reach=8,
+                                                                             search="descent").options
+    # the spec's options join index_options; one given both ways is refused rather than overridden
+    joined = icecache.IceRuntime(index="tree:span_reach=8", index_options={"search": "descent"})
+    assert joined.index_signature == spelled.index_signature
+    with pytest.raises(ValueError, match=r"\['span_reach'\] given both"):
+        icecache.IceRuntime(index="tree:span_reach=8", index_options={"span_reach": 4})
+    with pytest.raises(ValueError, match="unknown option.*'nope'.*'tree'"):
+        icecache.IceRuntime(index="tree:nope=1")
+    with pytest.raises(ValueError, match="option=value.*'span_reach'"):
+        icecache.get_index("tree:span_reach", head_dim=8)
+    with pytest.raises(ValueError, match="'span_reach' given twice"):
+        icecache.parse_index_spec("tree:span_reach=8,span_reach=4")
+    with pytest.raises(ValueError, match="unknown index 'nope'"):
+        icecache.IceRuntime(index="nope:a=1")
 
 
 def test_exact_picks_the_page_with_the_matching_key():

@@ -24,12 +24,10 @@ def check_rows(indexes: list[str] | None, budgets: list[int], **rule) -> None:
     runtime's own message before any model loads. `indexes` None: every registered index."""
     from ..index import available_indexes
     from ..runtime import IceRuntime
-    from .common import parse_index_spec
 
     for spec in indexes or available_indexes():
-        name, options = parse_index_spec(spec)
         for budget in budgets:
-            IceRuntime(index=name, budget=budget, index_options=options, **rule)
+            IceRuntime(index=spec, budget=budget, **rule)
 
 
 def _load_model(args):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import json
 import platform
 import time
@@ -88,20 +87,3 @@ def random_model(shape: str, device: str | torch.device = "cpu", dtype: torch.dt
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
     return model.eval()
-
-
-def parse_index_spec(spec: str) -> tuple[str, dict]:
-    """A benchmark row's index: `"name"` or `"name:option=value,option=value"` (values read as Python
-    literals, else kept as strings), e.g. `"tree:hot_layout=spans,hot_pages=4"` -> `("tree", {...})`.
-    Lets one run compare variants of an index side by side, each row named by its spec."""
-    name, _, rest = spec.partition(":")
-    options = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise ValueError(f"index option must be written option=value, got {item!r} in {spec!r}")
-        try:
-            options[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            options[key.strip()] = value.strip()
-    return name.strip(), options

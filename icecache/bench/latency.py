@@ -61,7 +61,7 @@ def _build_ms(name: str, keys: torch.Tensor, queries: torch.Tensor | None, runti
 
     probe = IceRuntime(index=name, budget=budget, **runtime_options)
     b = probe.budget
-    index = get_index(name, head_dim=keys.shape[-1], page_size=b.page_size, **probe.index_options)
+    index = get_index(probe.index_name, head_dim=keys.shape[-1], page_size=b.page_size, **probe.index_options)
     start = time.perf_counter()
     index.build(keys[:, b.sink: keys.shape[1] - b.window], BuildContext.from_query_heads(queries, keys.shape[0]))
     return (time.perf_counter() - start) * 1e3

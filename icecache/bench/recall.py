@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from ..index import available_indexes, get_index
 from ..runtime import Budget, SparseLayer, layer_plan
 from .capture import Capture, capture
-from .common import environment, parse_index_spec, prompt_ids, table, write_json
+from ..index import parse_index_spec
+from .common import environment, prompt_ids, table, write_json
 
 CEILING = "tokens (ceiling)"
 

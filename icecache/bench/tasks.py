@@ -20,7 +20,8 @@ from ..index import DEFAULT_INDEX, available_indexes
 from ..runtime.budget import DEFAULT_PAGE_SIZE, Budget
 from ..runtime import IceRuntime, full_kv_copy, generate_after_prefill, shared_prefill
 from ..tasks import TASK_KINDS, TaskBuilder, prose_source
-from .common import environment, parse_index_spec, replace_block, table
+from ..index import parse_index_spec
+from .common import environment, replace_block, table
 from .stats import Paired, wilson_interval
 
 NEW_TOKENS = {"passkey": 10, "multikey": 12, "multivalue": 28, "vartrack": 10, "twohop": 10}
@@ -402,32 +403,57 @@ def sync_readme(text: str, results: list[dict]) -> str:
     return replace_block(text, README_START, README_END, suite_readme_block(results))
 
 
-if __name__ == "__main__":
-    import sys
+def _add_note(result: dict, note: str | None) -> dict:
+    if note:  # how the file's rows came together, rendered under its table
+        result["notes"] = f"{result.get('notes', '')} {note}".strip()
+    return result
 
-    # python -m icecache.bench.tasks benchmarks/tasks_suite/*.json > benchmarks/TASKS.md [--readme README.md]
-    args = sys.argv[1:]
-    if args and args[0] in ("--merge", "--join", "--add"):  # python -m icecache.bench.tasks --merge OUT A.json B.json ...
-        runs = [json.loads(Path(p).read_text()) for p in args[2:]]
-        if args[0] == "--add":  # more methods on the same questions
+
+def main(argv: list[str] | None = None) -> int:
+    """Render the suite (TASKS.md, TASKS_HISTORY.md, the README block) or combine run files; see
+    benchmarks/README.md for each use."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m icecache.bench.tasks", description=main.__doc__)
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--merge", metavar="OUT", help="runs of the same settings with other seeds -> OUT")
+    action.add_argument("--join", metavar="OUT", help="runs of the same questions at other budgets -> OUT")
+    action.add_argument("--add", metavar="OUT", help="the first run with more methods on its questions -> OUT")
+    action.add_argument("--relabel", nargs=2, metavar=("OUT", "IN"),
+                        help="IN's rows renamed by the OLD->NEW pairs given as inputs -> OUT")
+    parser.add_argument("inputs", nargs="*", help="run JSON files (OLD->NEW pairs for --relabel)")
+    parser.add_argument("--budgets", type=int, nargs="+", default=None, help="--relabel: only these budgets' rows")
+    parser.add_argument("--note", default=None, help="appended to the written file's notes (rendered with its table)")
+    parser.add_argument("--readme", default=None, help="rewrite this README's task-suite block instead of printing")
+    args = parser.parse_args(argv)
+
+    def load(path: str) -> dict:
+        return json.loads(Path(path).read_text())
+
+    out = args.merge or args.join or args.add
+    if out:
+        runs = [load(p) for p in args.inputs]
+        if args.add:
             combined = runs[0]
             for extra in runs[1:]:
                 combined = add_rows(combined, extra)
-        else:  # more seeds / more budgets
-            combined = (merge_runs if args[0] == "--merge" else join_budgets)(runs)
-        Path(args[1]).write_text(json.dumps(combined, indent=1))
-        raise SystemExit(0)
-    if args and args[0] == "--relabel":  # --relabel OUT IN OLD->NEW ... [--budgets 128 256]
-        budgets = [int(b) for b in args[args.index("--budgets") + 1:]] if "--budgets" in args else None
-        pairs = args[3:args.index("--budgets")] if "--budgets" in args else args[3:]
-        result = relabel(json.loads(Path(args[2]).read_text()), dict(p.split("->", 1) for p in pairs), budgets)
-        Path(args[1]).write_text(json.dumps(result, indent=1))
-        raise SystemExit(0)
-    readme = args[args.index("--readme") + 1] if "--readme" in args else None
-    paths = [a for a in args if a.endswith(".json")]
-    runs = [json.loads(Path(p).read_text()) for p in sorted(paths)]
-    if readme:
-        Path(readme).write_text(sync_readme(Path(readme).read_text(), runs))
+        else:
+            combined = (merge_runs if args.merge else join_budgets)(runs)
+        Path(out).write_text(json.dumps(_add_note(combined, args.note), indent=1))
+        return 0
+    if args.relabel:
+        out, source = args.relabel
+        result = relabel(load(source), dict(pair.split("->", 1) for pair in args.inputs), args.budgets)
+        Path(out).write_text(json.dumps(_add_note(result, args.note), indent=1))
+        return 0
+    runs = [load(p) for p in sorted(args.inputs)]
+    if args.readme:
+        Path(args.readme).write_text(sync_readme(Path(args.readme).read_text(), runs))
     else:
-        history = paths and Path(paths[0]).parent.name == Path(HISTORY[0]).name
+        history = args.inputs and Path(args.inputs[0]).parent.name == Path(HISTORY[0]).name
         print(render_suite(runs, HISTORY if history else SUITE), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -12,7 +12,9 @@ from .base import (
     available_indexes,
     get_index,
     index_class,
+    parse_index_spec,
     register_index,
+    resolve_index_spec,
 )
 
 #: the index `IceRuntime`, the demo, the CLI and the vLLM plugin use unless told otherwise: IceCache's tree
@@ -23,4 +25,5 @@ for _module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["DEFAULT_INDEX", "BuildContext", "IndexOptions", "SearchContext", "TokenIndex", "available_indexes",
-           "get_index", "index_class", "register_index"]
+           "get_index", "index_class", "parse_index_spec", "register_index",
+           "resolve_index_spec"]

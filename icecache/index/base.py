@@ -21,6 +21,7 @@ and its options are one frozen dataclass (`Options`, a subclass of `IndexOptions
 
 from __future__ import annotations
 
+import ast
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields, replace
@@ -382,20 +383,52 @@ def available_indexes() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def parse_index_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """Split an index spec, `"name"` or `"name:option=value,option=value"` (values read as Python literals,
+    else kept as strings), into the name and its options: `"tree:span_reach=8,search=descent"` ->
+    `("tree", {"span_reach": 8, "search": "descent"})`. `get_index`, `IceRuntime(index=...)`, the CLI and the
+    benchmarks take specs, so a variant of an index is one string (a benchmark row is named by its spec)."""
+    if not isinstance(spec, str):
+        raise TypeError(f"index must be a name (str), one of {available_indexes()}, or a spec "
+                        f"'name:option=value,...', got {type(spec).__name__}")
+    name, _, rest = spec.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"index option must be written option=value, got {item!r} in {spec!r}")
+        if key.strip() in options:
+            raise ValueError(f"index option {key.strip()!r} given twice in {spec!r}")
+        try:
+            options[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            options[key.strip()] = value.strip()
+    return name.strip(), options
+
+
+def resolve_index_spec(spec: str, options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """`parse_index_spec(spec)` with keyword `options` added: `(name, options)`. An option given both ways is
+    an error rather than a silent override."""
+    name, spec_options = parse_index_spec(spec)
+    both = sorted(spec_options.keys() & (options or {}).keys())
+    if both:
+        raise ValueError(f"index option(s) {both} given both in the index spec {spec!r} and as options")
+    return name, {**spec_options, **(options or {})}
+
+
 def index_class(name: str) -> type[TokenIndex]:
-    """The class registered under `name`; a `ValueError` listing the available names otherwise."""
+    """The class registered under `name` (a plain name, not a spec); a `ValueError` listing the available
+    names otherwise."""
     if not isinstance(name, str):
         raise TypeError(f"index must be a name (str), one of {available_indexes()}, got {type(name).__name__}")
     if name not in _REGISTRY:
-        hint = ""
-        if ":" in name:  # a benchmark row's spec, NAME:OPTION=VALUE,...
-            base, _, options = name.partition(":")
-            hint = (f" (a benchmark row's variant: in Python pass index={base.strip()!r} and "
-                    f"index_options={{...}} for {options!r})")
-        raise ValueError(f"unknown index {name!r}; available indexes: {available_indexes()}{hint}")
+        raise ValueError(f"unknown index {name!r}; available indexes: {available_indexes()}")
     return _REGISTRY[name]
 
 
 def get_index(name: str, head_dim: int, page_size: int = 16, **options) -> TokenIndex:
-    """Create the index registered as `name` (see `available_indexes()`), with its own `options`."""
+    """Create the index registered as `name` (see `available_indexes()`), or as a spec's name with the spec's
+    options (`parse_index_spec`), with `options` added: `get_index("tree", 64, span_reach=8)` and
+    `get_index("tree:span_reach=8", 64)` make the same index."""
+    name, options = resolve_index_spec(name, options)
     return index_class(name)(head_dim=head_dim, page_size=page_size, **options)

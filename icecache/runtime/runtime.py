@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 
 from ..index import DEFAULT_INDEX
-from ..index.base import TokenIndex, get_index, index_class
+from ..index.base import TokenIndex, get_index, index_class, resolve_index_spec
 from ..kernels import paged_decode_attention, paged_decode_attention_reference
 from .budget import Budget
 from transformers.cache_utils import Cache
@@ -63,7 +63,8 @@ class IceRuntime:
     """Sparse, paged KV cache for transformers decoding.
 
     Args:
-        index: registered index name (see `icecache.available_indexes()`).
+        index: registered index name (see `icecache.available_indexes()`), or a spec with options,
+            `"tree:span_reach=8"` (`icecache.parse_index_spec`; its options join `index_options`).
         budget: tokens per KV head per decode step (sink + window + retrieved pages).
         page_size: tokens per KV page; None (default): 16, or 8 for budgets under 128 (`default_page_size`:
             at budget 64 four smaller retrieved pages kept more answers than two).
@@ -91,11 +92,12 @@ class IceRuntime:
                  window: int | None = None, dense_layers: int = 2, select_every: int = 1,
                  index_options: dict[str, Any] | None = None,
                  kernel: str | Callable = "auto", profile: bool = False, compiled: bool = True) -> None:
-        self.index_name = index
         if index_options is not None and not isinstance(index_options, dict):
             raise TypeError(f"index_options must be a dict of the index's options, got {type(index_options).__name__}")
+        self.index_spec = index
+        self.index_name, index_options = resolve_index_spec(index, index_options)
         # unknown names and bad options fail here, not at the first forward
-        self._index_options = index_class(index).Options.create(index, dict(index_options or {}))
+        self._index_options = index_class(self.index_name).Options.create(self.index_name, index_options)
         self.budget = Budget(tokens=budget, page_size=page_size, sink=sink, window=window)
         if not isinstance(dense_layers, int) or dense_layers < 0:
             raise ValueError(f"dense_layers must be a non-negative int, got {dense_layers!r}")
@@ -103,7 +105,7 @@ class IceRuntime:
         if not isinstance(select_every, int) or select_every < 1:
             raise ValueError(f"select_every must be an int >= 1, got {select_every!r}")
         self.select_every = select_every
-        self.index_options = dict(index_options or {})
+        self.index_options = index_options
         self.kernel = _resolve_kernel(kernel)
         self.profile = profile
         if not isinstance(compiled, bool):
@@ -170,7 +172,8 @@ class IceRuntime:
 
     def __repr__(self) -> str:
         b = self.budget
-        return (f"IceRuntime(index={self.index_name!r}, budget={b.tokens}, page_size={b.page_size}, "
+        options = f", index_options={self.index_options!r}" if self.index_options else ""
+        return (f"IceRuntime(index={self.index_name!r}{options}, budget={b.tokens}, page_size={b.page_size}, "
                 f"sink={b.sink}, window={b.window}, dense_layers={self.dense_layers}, "
                 f"select_every={self.select_every})")
 
