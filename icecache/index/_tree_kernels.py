@@ -389,6 +389,23 @@ def _best_of_group(partial, fill, n_pages, empty, score):
 
 
 @numba.njit(cache=True, fastmath=_FAST)
+def _best_of_group_and_bound(partial, norms, radii, page_node, fill, n_pages, score, bound):
+    """`_best_of_group` into `score`, and into `bound` the max over the query heads of `partial[g, p] +
+    norms[g] * radii[page_node[p]]`; empty pages get -inf and `_LOWEST` (below every real page, above the
+    taken ones, so none is taken twice)."""
+    for p in range(n_pages):
+        r = radii[page_node[p]]
+        best = partial[0, p]
+        reach = partial[0, p] + norms[0] * r
+        for g in range(1, partial.shape[0]):
+            best = max(best, partial[g, p])
+            reach = max(reach, partial[g, p] + norms[g] * r)
+        full = fill[p] > 0
+        score[p] = best if full else -np.inf
+        bound[p] = reach if full else _LOWEST
+
+
+@numba.njit(cache=True, fastmath=_FAST)
 def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages, scale, resident_lse, pinned,
                  page_node, radii, n_bound, peak_pages):
     """The tree's search for every KV head in one compiled pass (`TreeIndex._search`).
@@ -410,6 +427,8 @@ def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages
     k = min(max_pages, n_cand)
     out = np.empty((kv_heads, k), np.int64)
     score = np.empty(n_pages, np.float32)
+    bound = np.empty(n_pages, np.float32)
+    norms = np.empty(group, np.float64)
     partial = np.empty((group, n_pages), np.float32)
     scratch = np.empty(n_pages, np.uint32)  # one decoded row of centroids
     logits = np.empty((group, n_cand * page_size), np.float32)
@@ -430,27 +449,25 @@ def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages
                 row = partial[g]
                 for p in range(n_pages):
                     row[p] += qj * column[p]
-        _best_of_group(partial, fill[h], n_pages, -np.inf, score)
-        for p in range(min(pinned, n_pages)):  # always candidates, whatever their centroid says
-            if fill[h, p] > 0:
-                score[p] = np.inf
-        cand[:n_centroid] = _top_indices(score, n_centroid)  # unordered: the rescoring ranks them
         if n_bound > 0:
-            # 2) plus the best leaves by the bound on their best token, `q . c + |q| r`: a page clustered
+            # 2) and the bound on each leaf's best token, `q . c + |q| r`, in the same pass: a page clustered
             # with dissimilar keys can hold the one token a step needs, far below its centroid's rank
             for g in range(group):
                 norm = 0.0
                 for j in range(dim):
                     norm += q[g, j] * q[g, j]
-                norm = np.sqrt(norm)
-                row = partial[g]
-                for p in range(n_pages):
-                    row[p] += norm * radii[h, page_node[h, p]]
-            # empty pages below every real one but above the taken ones, so no page is taken twice
-            _best_of_group(partial, fill[h], n_pages, _LOWEST, score)
+                norms[g] = np.sqrt(norm)
+            _best_of_group_and_bound(partial, norms, radii[h], page_node[h], fill[h], n_pages, score, bound)
+        else:
+            _best_of_group(partial, fill[h], n_pages, -np.inf, score)
+        for p in range(min(pinned, n_pages)):  # always candidates, whatever their centroid says
+            if fill[h, p] > 0:
+                score[p] = np.inf
+        cand[:n_centroid] = _top_indices(score, n_centroid)  # unordered: the rescoring ranks them
+        if n_bound > 0:
             for i in range(n_centroid):
-                score[cand[i]] = -np.inf  # already a candidate
-            cand[n_centroid:] = _top_indices(score, n_bound)
+                bound[cand[i]] = -np.inf  # already a candidate
+            cand[n_centroid:] = _top_indices(bound, n_bound)
         _rescore(q, h, cand, n_cand, fill, page_keys, scale, resident_lse, logits, bits, top, mass, peak, peak_pages,
                  out[h])
     return out
