@@ -127,3 +127,20 @@ def test_vllm_serve_with_the_plugin_answers_concurrent_completions(tmp_path, mod
         server.terminate()
         server.wait(60)
         log.close()
+
+
+def test_a_model_with_soft_capped_attention_is_refused_by_name(tmp_path):
+    # a tiny random Gemma 2, which soft-caps its attention logits: the sparse rows would drop the cap
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=1024,
+                          sliding_window=64, attn_logit_softcapping=50.0)
+    torch.manual_seed(0)
+    Gemma2ForCausalLM(config).save_pretrained(tmp_path / "gemma2")
+    job = {"model": str(tmp_path / "gemma2"), "max_model_len": 256, "configs": [{"index": "tree", "budget": 64}],
+           "batches": [[{"ids": list(range(1, 80)), "max_tokens": 2}]], "engine": {"skip_tokenizer_init": True}}
+    with pytest.raises(RuntimeError, match=r"failed: ValueError: this model soft-caps its attention logits "
+                                           r"\(logits_soft_cap=50.0"):
+        run_engines(tmp_path, job)

@@ -10,6 +10,7 @@ latter timed in the attention backend itself, the same way for stock vLLM and ic
 from __future__ import annotations
 
 import json
+import re
 import os
 import statistics
 import subprocess
@@ -46,8 +47,21 @@ def run_engines(job: dict, workdir: str | Path | None = None, timeout: float | N
                            str(out_path)], cwd=workdir, env=vllm_env(job.get("kv_cache_gib", 1)),
                           capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
-        raise RuntimeError(f"vLLM run failed:\n{done.stderr[-4000:]}")
+        # vLLM logs a worker's exception on stdout; its own traceback on stderr only says the engine failed
+        raise RuntimeError(f"vLLM run failed: {_root_cause(done.stdout + done.stderr)}\n{done.stderr[-4000:]}")
     return json.loads(out_path.read_text())
+
+
+def _root_cause(stderr: str) -> str:
+    """The first exception a vLLM process logged as an error (`ValueError: ...`, from a worker's log line):
+    the engine's own error that ends the output only says that its core failed to start."""
+    for line in stderr.splitlines():
+        if " WARNING " in line:  # a logged, handled exception
+            continue
+        found = re.search(r"\b([A-Z]\w*(?:Error|Exception): .*)", line)
+        if found:
+            return found.group(1)
+    return "see the output below"
 
 
 def run_vllm(model_name: str = "smollm2-135m", points=((4096, 1), (4096, 4), (4096, 16), (8192, 16)),

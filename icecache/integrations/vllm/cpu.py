@@ -34,7 +34,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from ...runtime.requests import EngineStep, RequestLayers, RequestTracker
-from . import PREFIX_CACHING_ERROR, runtime_from_config
+from . import CONFIG_KEY, PREFIX_CACHING_ERROR, runtime_from_config
 
 logger = init_logger(__name__)
 
@@ -151,6 +151,10 @@ class IceCPUAttentionImpl(CPUAttentionBackendImpl):
         self.runtime = runtime_from_config(config.additional_config)
         if self.runtime is not None:
             _require_no_prefix_caching(config)
+            if self.logits_soft_cap:  # the sparse rows score by a plain softmax, as IceRuntime does
+                raise ValueError(f"this model soft-caps its attention logits (logits_soft_cap={self.logits_soft_cap}, "
+                                 "as Gemma 2 does), which icecache does not support; serve it without "
+                                 f"additional_config['{CONFIG_KEY}']")
         self.requests: RequestLayers | None = None  # sparse layers only, made at the first forward
         self._sparse: bool | None = None  # decided at the first forward, once the layer's name is known
 
