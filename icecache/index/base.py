@@ -394,15 +394,15 @@ def parse_index_spec(spec: str) -> tuple[str, dict[str, Any]]:
     name, _, rest = spec.partition(":")
     options: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in rest.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
+        key, eq, value = (part.strip() for part in item.partition("="))
+        if not eq or not key:
             raise ValueError(f"index option must be written option=value, got {item!r} in {spec!r}")
-        if key.strip() in options:
-            raise ValueError(f"index option {key.strip()!r} given twice in {spec!r}")
+        if key in options:
+            raise ValueError(f"index option {key!r} given twice in {spec!r}")
         try:
-            options[key.strip()] = ast.literal_eval(value.strip())
+            options[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            options[key.strip()] = value.strip()
+            options[key] = value
     return name.strip(), options
 
 
