@@ -262,6 +262,8 @@ def test_added_rows_and_relabelled_defaults_keep_the_questions_paired(tmp_path):
                  "--note", "added."]) == 0
     written = json.loads((tmp_path / "out.json").read_text())
     assert written["summary"] == adopted["summary"] and written["notes"] == "renamed. added."
+    with pytest.raises(SystemExit):  # a pair without "->" is a usage error, not a traceback
+        main(["--relabel", str(tmp_path / "x.json"), str(tmp_path / "base.json"), "tree"])
 
 
 def test_latency_tables_are_rendered_from_the_committed_json():

@@ -24,10 +24,9 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from ..index import available_indexes, get_index
+from ..index import available_indexes, get_index, parse_index_spec
 from ..runtime import Budget, SparseLayer, layer_plan
 from .capture import Capture, capture
-from ..index import parse_index_spec
 from .common import environment, prompt_ids, table, write_json
 
 CEILING = "tokens (ceiling)"

@@ -16,11 +16,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..index import DEFAULT_INDEX, available_indexes
+from ..index import DEFAULT_INDEX, available_indexes, parse_index_spec
 from ..runtime.budget import DEFAULT_PAGE_SIZE, Budget
 from ..runtime import IceRuntime, full_kv_copy, generate_after_prefill, shared_prefill
 from ..tasks import TASK_KINDS, TaskBuilder, prose_source
-from ..index import parse_index_spec
 from .common import environment, replace_block, table
 from .stats import Paired, wilson_interval
 
@@ -443,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.relabel:
         out, source = args.relabel
+        if not args.inputs or any("->" not in pair for pair in args.inputs):
+            parser.error(f"--relabel takes OLD->NEW pairs after OUT and IN, got {args.inputs}")
         result = relabel(load(source), dict(pair.split("->", 1) for pair in args.inputs), args.budgets)
         Path(out).write_text(json.dumps(_add_note(result, args.note), indent=1))
         return 0
