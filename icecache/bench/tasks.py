@@ -123,6 +123,12 @@ def _rule(settings: dict) -> dict:
     return {**RULE_DEFAULTS, **(settings.get("runtime_options") or {})}
 
 
+def _questions_per_seed(settings: dict) -> list[int]:
+    """Questions per kind and context that each of a run's seeds asked (a merged run: one entry per seed)."""
+    seeds = settings["seed"] if isinstance(settings["seed"], list) else [settings["seed"]]
+    return settings.get("questions_per_seed") or [(settings.get("questions") or 0) // len(seeds)] * len(seeds)
+
+
 def merge_runs(results: list[dict]) -> dict:
     """One suite run from several runs of the same kinds, contexts, budgets, model and framing with other
     seeds (more questions): their records together, the summary recomputed, `settings["seed"]` the list of
@@ -143,6 +149,7 @@ def merge_runs(results: list[dict]) -> dict:
     if len({(_question(r), r["method"], r["budget"]) for r in records}) != len(records):
         raise ValueError("the runs share questions (same kind, context, depth, source and seed)")
     settings = {**first, "seed": seeds, "questions": sum(r["settings"].get("questions") or 0 for r in results),
+                "questions_per_seed": [q for r in results for q in _questions_per_seed(r["settings"])],
                 "indexes": list(dict.fromkeys(i for r in results for i in r["settings"].get("indexes") or []))}
     return {**results[0], "settings": settings, "records": records, "summary": summarize(records),
             "merged": [{"environment": r.get("environment"), "seed": r["settings"]["seed"]} for r in results]}
@@ -303,8 +310,10 @@ def _command(result: dict) -> str:
     parts += [f"--sources {' '.join(s.get('sources', ['pydoc']))}", f"--budgets {' '.join(map(str, s['budgets']))}",
               f"--indexes {' '.join(indexes)}"]
     seeds = s["seed"] if isinstance(s["seed"], list) else [s["seed"]]
-    if len(seeds) > 1 and s.get("questions"):  # merged runs (`merge_runs`): one command per seed, the questions split among them
-        parts[parts.index(f"--questions {s['questions']}")] = f"--questions {s['questions'] // len(seeds)}"
+    if len(seeds) > 1 and s.get("questions"):  # merged runs (`merge_runs`): one command per seed
+        per_seed = _questions_per_seed(s)
+        asked = str(per_seed[0]) if len(set(per_seed)) == 1 else " / ".join(map(str, per_seed))
+        parts[parts.index(f"--questions {s['questions']}")] = f"--questions {asked}"
     parts.append(f"--seed {' / '.join(map(str, seeds))}")
     parts += [f"--{k.replace('_', '-')} {v}" for k, v in _rule(s).items() if v != CLI_DEFAULTS[k]]
     if s.get("model"):
