@@ -52,10 +52,10 @@ def run_engines(job: dict, workdir: str | Path | None = None, timeout: float | N
     return json.loads(out_path.read_text())
 
 
-def _root_cause(stderr: str) -> str:
+def _root_cause(output: str) -> str:
     """The first exception a vLLM process logged as an error (`ValueError: ...`, from a worker's log line):
     the engine's own error that ends the output only says that its core failed to start."""
-    for line in stderr.splitlines():
+    for line in output.splitlines():
         if " WARNING " in line:  # a logged, handled exception
             continue
         found = re.search(r"\b([A-Z]\w*(?:Error|Exception): .*)", line)
