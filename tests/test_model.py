@@ -125,3 +125,16 @@ def test_seeding_from_a_cache_with_the_same_index_copies_it(smollm, prompt_ids):
     out_rebuilt = model.generate(prompt_ids, cache=rebuilt, max_new_tokens=6, do_sample=False)
     assert torch.equal(out_copied, out_rebuilt)  # copying is only a shortcut: same answers
     assert donor.get_seq_length() == prompt_ids.shape[1] - 1  # the donor is untouched
+
+
+def test_the_build_queries_are_copies_not_views_of_the_prompt_queries(smollm, prompt_ids):
+    # a view of the model's query tensor would keep the whole prompt chunk's queries alive in every layer
+    model, _ = smollm
+    cache = icecache.IceRuntime(index="tree", budget=64).new_cache(model)
+    model.generate(prompt_ids, cache=cache, max_new_tokens=2, do_sample=False)
+    rows = [row for layer in cache.layers for row in getattr(layer, "rows", None) or []]
+    assert len(rows) == model.config.num_hidden_layers - 2
+    for row in rows:
+        held = row.prefill_queries
+        assert held.shape[1] == min(prompt_ids.shape[1], icecache.runtime.layer.BUILD_QUERY_POSITIONS)
+        assert held.untyped_storage().nbytes() == held.numel() * held.element_size()

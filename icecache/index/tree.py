@@ -229,8 +229,10 @@ class TreeIndex(TokenIndex):
         keys = keys.detach().float().cpu()  # the tree's bookkeeping lives on the host
         self.max_norm = float(keys.norm(dim=-1).max()) * self.options.norm_headroom if n else 1.0
         aug = torch.from_numpy(augment(keys.numpy(), self.max_norm))
-        # headroom for the pages decode-time splits open: growing copies every per-page array at once
-        cap = max(-(-n // self.page_size) * 5 // 4 + 8, 8)
+        # headroom for the pages decode-time splits open (growing copies every per-page array at once), kept
+        # small: the index's per-page arrays are most of its memory, and a quarter spare cost 13% of a layer's
+        cap = -(-n // self.page_size)
+        cap += cap // 16 + 8
         self._table = torch.full((kv_heads, cap, self.page_size), -1, dtype=torch.long)
         self._fill = torch.zeros(kv_heads, cap, dtype=torch.long)
         self._sums = torch.zeros(kv_heads, cap, d + 1)
@@ -353,7 +355,7 @@ class TreeIndex(TokenIndex):
         cap = self._table.shape[1]
         if pages <= cap:
             return
-        grow = max(pages, 2 * cap) - cap
+        grow = max(pages, cap + cap // 8) - cap  # by an eighth, as the host tier grows
         def pad(t: torch.Tensor, fill: float, dim: int = 1) -> torch.Tensor:
             shape = list(t.shape)
             shape[dim] = grow
