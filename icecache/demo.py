@@ -30,6 +30,7 @@ class DemoRow:
     full_kv_bytes: int = 0
     sparse_device_bytes: int = 0  # over the layers icecache retrieves for (not dense or sliding ones)
     sparse_full_bytes: int = 0
+    host_bytes: int | None = None  # the sparse layers' host tiers and indexes (None: a run before it was recorded)
 
 
 def run_demo(samples: int = 6, context_tokens: int = 4096, budgets=(64, 128, 256), indexes=None,
@@ -88,6 +89,7 @@ def run_demo(samples: int = 6, context_tokens: int = 4096, budgets=(64, 128, 256
                 sparse = [l for l in report.layers if l.kind == "sparse"]
                 row.sparse_device_bytes = sum(l.device_kv_bytes for l in sparse)
                 row.sparse_full_bytes = sum(l.full_kv_bytes for l in sparse)
+                row.host_bytes = report.host_kv_bytes + report.index_bytes
             bar.update(1)
             bar.set_postfix(question=f"{i + 1}/{samples}", ctx=ids.shape[1])
     bar.close()
@@ -96,15 +98,19 @@ def run_demo(samples: int = 6, context_tokens: int = 4096, budgets=(64, 128, 256
 
 def format_table(rows: list[DemoRow]) -> str:
     head = (f"| {'method':<10} | {'budget':>6} | {'accuracy':>9} | {'decode tok/s':>12} | {'device KV MiB':>13} | "
-            f"{'vs full KV':>10} | {'sparse layers vs full KV':>24} |")
+            f"{'vs full KV':>10} | {'sparse layers vs full KV':>24} | {'host MiB (KV + index)':>21} |")
     lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
     for r in rows:
         acc = f"{r.correct}/{r.total}"
         tps = r.new_tokens / r.seconds if r.seconds else 0.0
         ratio = r.device_kv_bytes / r.full_kv_bytes if r.full_kv_bytes else 0.0
         sparse = r.sparse_device_bytes / r.sparse_full_bytes if r.sparse_full_bytes else 1.0
+        if r.method == "full KV":
+            host = "-"  # no host tier: every token on the device
+        else:
+            host = "-" if r.host_bytes is None else f"{r.host_bytes / 2**20:.1f}"
         lines.append(f"| {r.method:<10} | {r.budget:>6} | {acc:>9} | {tps:>12.1f} | "
-                     f"{r.device_kv_bytes / 2**20:>13.1f} | {ratio:>10.3f} | {sparse:>24.3f} |")
+                     f"{r.device_kv_bytes / 2**20:>13.1f} | {ratio:>10.3f} | {sparse:>24.3f} | {host:>21} |")
     return "\n".join(lines)
 
 

@@ -157,6 +157,28 @@ def test_options_are_a_frozen_dataclass_checked_at_creation(name):
             icecache.get_index(name, head_dim=8, **{field.name: "not a valid value"})
 
 
+@pytest.mark.parametrize("name", INDEXES)
+def test_an_index_reports_the_memory_it_holds(name):
+    keys = random_keys(3, 2, 400, 16)
+    index = icecache.get_index(name, head_dim=16, page_size=4)
+    index.build(keys[:, :200], BuildContext(torch.randn(2, 8, 16), group=4))
+    built = index.nbytes()
+    index.insert(keys[:, 200:], start=200)
+    assert index.nbytes() >= built >= 0
+    if name != "window":  # every other index keeps its own float32 copy of the keys it searches
+        assert index.nbytes() >= keys.numel() * 4
+
+
+def test_held_bytes_counts_shared_memory_once():
+    from icecache.index.base import held_bytes
+
+    tensor = torch.zeros(10, 4)  # 160 bytes
+    array = torch.zeros(5).numpy()  # a tensor's memory (20 bytes) held through a numpy view
+    owned = torch.zeros(3, dtype=torch.float64).numpy().copy()  # numpy's own: 24 bytes
+    holder = {"a": tensor, "b": (tensor[2:], tensor.numpy()), "c": [owned, owned[1:]], "d": array}
+    assert held_bytes(holder) == 160 + 24 + 20
+
+
 def test_equal_options_make_equal_index_signatures():
     a = icecache.IceRuntime(index="tree", budget=128, index_options={"span_pages": 2, "hot_pages": 4})
     b = icecache.IceRuntime(index="tree", budget=256, index_options={"hot_pages": 4, "span_pages": 2})

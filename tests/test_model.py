@@ -138,3 +138,18 @@ def test_the_build_queries_are_copies_not_views_of_the_prompt_queries(smollm, pr
         held = row.prefill_queries
         assert held.shape[1] == min(prompt_ids.shape[1], icecache.runtime.layer.BUILD_QUERY_POSITIONS)
         assert held.untyped_storage().nbytes() == held.numel() * held.element_size()
+
+
+def test_the_report_counts_host_memory_once_per_index(smollm, prompt_ids):
+    model, _ = smollm
+    sparse_layers = model.config.num_hidden_layers - 2
+    for every in (1, 3):
+        runtime = icecache.IceRuntime(index="tree", budget=64, select_every=every)
+        cache = runtime.new_cache(model)
+        model.generate(prompt_ids, cache=cache, max_new_tokens=3, do_sample=False)
+        report = runtime.report(cache)
+        sparse = [layer for layer in report.layers if layer.kind == "sparse"]
+        # every token's K/V stays on the host; followers share their leader's index, counted once
+        assert report.host_kv_bytes == sum(l.host_kv_bytes for l in sparse) >= sum(l.full_kv_bytes for l in sparse)
+        assert report.index_bytes == sum(l.index_bytes for l in sparse)
+        assert sum(1 for l in sparse if l.index_bytes > 0) == -(-sparse_layers // every)

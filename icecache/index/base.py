@@ -76,6 +76,46 @@ def _all_finite(values: torch.Tensor) -> bool:
     return bool(np.isfinite(view).all()) if view is not None else bool(torch.isfinite(values).all())
 
 
+def held_bytes(obj: Any) -> int:
+    """Bytes of the tensors and numpy arrays `obj` holds (allocated: spare capacity included), found through
+    its attributes, containers and icecache objects; memory shared by several (a numpy view of a tensor, one
+    tensor kept twice) is counted once."""
+    seen_objects: set[int] = set()
+    seen_memory: set[int] = set()
+    total = 0
+
+    def visit(value: Any) -> None:
+        nonlocal total
+        if id(value) in seen_objects:
+            return
+        seen_objects.add(id(value))
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            if storage.data_ptr() not in seen_memory:
+                seen_memory.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(value, np.ndarray):
+            while isinstance(value.base, np.ndarray):
+                value = value.base
+            if isinstance(value.base, torch.Tensor):  # `tensor.numpy()`: the tensor's memory
+                visit(value.base)
+            elif value.ctypes.data not in seen_memory:  # numpy's own memory, or numba's
+                seen_memory.add(value.ctypes.data)
+                total += value.nbytes
+        elif isinstance(value, (list, tuple)):  # named tuples included
+            for item in value:
+                visit(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif type(value).__module__.startswith("icecache") and hasattr(value, "__dict__"):
+            for item in vars(value).values():
+                visit(item)
+
+    visit(obj)
+    return total
+
+
 def _all_below_inf(values: torch.Tensor) -> bool:
     """No NaN and no +inf (-inf allowed)."""
     view = _host_view(values)
@@ -315,6 +355,12 @@ class TokenIndex(ABC):
     def num_pages(self) -> int:
         """Number of pages per head (heads are padded to the same count with empty pages)."""
         return self.page_table.shape[1]
+
+    def nbytes(self) -> int:
+        """Memory the index holds, in bytes, on whichever device its structures live: its arrays and tensors
+        (spare capacity included), key copies among them. A strategy that keeps memory inside a library's
+        objects (an hnswlib graph) adds that."""
+        return held_bytes(vars(self))
 
     def metadata_bytes_per_search(self) -> int:
         """Bytes of index metadata (bounds, centroids, graph, keys) one search reads, all heads together.

@@ -164,6 +164,15 @@ class HnswIndex(TokenOrderIndex):
             out.append(order[:keep])
         return torch.stack(out).to(queries.device)
 
+    def nbytes(self) -> int:
+        """The token-order pages and key copy (`TokenIndex.nbytes`) plus the graphs, as hnswlib allocates them:
+        per element slot (`max_elements`, spare room included) its vector, label and `2 * M` layer-0 links; the
+        upper levels (about one element in `M`, `M` links each) are left out."""
+        dim = self.head_dim + (1 if self.options.space == "augmented" else 0)
+        per_slot = dim * 4 + 8 + (2 * self.options.M + 1) * 4
+        graphs = [g for g in getattr(self, "_graphs", ()) if g is not None]
+        return super().nbytes() + sum(g.get_max_elements() * per_slot for g in graphs)
+
     def metadata_bytes_per_search(self) -> int:
         """Approximate graph traffic of the last search (all heads).
 

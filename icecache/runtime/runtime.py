@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 
 from ..index import DEFAULT_INDEX
-from ..index.base import TokenIndex, get_index, index_class, resolve_index_spec
+from ..index.base import TokenIndex, get_index, held_bytes, index_class, resolve_index_spec
 from ..kernels import paged_decode_attention, paged_decode_attention_reference
 from .budget import Budget
 from transformers.cache_utils import Cache
@@ -46,6 +46,8 @@ class LayerReport:
     device_kv_bytes: int  # K/V resident on the device tier
     full_kv_bytes: int  # what transformers' own cache would hold for this layer (a sliding layer: its window)
     sequence: int | None = None  # a sparse layer reports each sequence of the batch; others the whole batch
+    host_kv_bytes: int = 0  # a sparse layer's host tier, every token's K/V (allocated, growth room included)
+    index_bytes: int = 0  # memory its index holds (`TokenIndex.nbytes`; 0 for a follower: its leader's index)
 
 
 @dataclass
@@ -57,6 +59,8 @@ class RuntimeReport:
     full_kv_bytes: int  # what full KV would hold for the same tokens
     page_fill: float
     layers: list[LayerReport] = field(default_factory=list)
+    host_kv_bytes: int = 0  # the sparse layers' host tiers
+    index_bytes: int = 0  # their indexes' structures and key copies
 
 
 class IceRuntime:
@@ -153,7 +157,7 @@ class IceRuntime:
 
     @staticmethod
     def report(cache: IceCache) -> RuntimeReport:
-        """Transfer counters, resident device bytes and page fill of a cache after generation."""
+        """Transfer counters, device and host bytes, and page fill of a cache after generation."""
         transfers = TransferStats()
         fills, layers = [], []
         for i, layer in enumerate(cache.layers):
@@ -161,14 +165,17 @@ class IceRuntime:
                 transfers.add(sparse.stats)
                 if sparse.index.kv_heads is not None:  # built (at the first decode step)
                     fills.append(sparse.index.page_fill())
+                index_bytes = sparse.index.nbytes() if sparse.leader is None else 0
                 layers.append(LayerReport(i, "sparse", sparse.num_tokens, sparse.resident_nbytes(),
-                                          sparse.host.nbytes(), sequence=b))
+                                          sparse.host.nbytes(), sequence=b, host_kv_bytes=held_bytes(sparse.host),
+                                          index_bytes=index_bytes))
             if getattr(layer, "keys", None) is not None and layer.keys.numel():
                 size = layer.keys.numel() * layer.keys.element_size() * 2
                 sliding = getattr(layer, "is_sliding", False)
                 layers.append(LayerReport(i, "sliding" if sliding else "dense", layer.get_seq_length(), size, size))
         return RuntimeReport(transfers, sum(l.device_kv_bytes for l in layers), sum(l.full_kv_bytes for l in layers),
-                             sum(fills) / len(fills) if fills else 1.0, layers)
+                             sum(fills) / len(fills) if fills else 1.0, layers,
+                             sum(l.host_kv_bytes for l in layers), sum(l.index_bytes for l in layers))
 
     def __repr__(self) -> str:
         b = self.budget
