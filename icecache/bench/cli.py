@@ -256,7 +256,8 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
                       help="CONTEXTxREQUESTS: prompt tokens and concurrent requests")
     vllm.add_argument("--indexes", nargs="+", default=None)
     vllm.add_argument("--budget", type=positive_int, default=256)
-    vllm.add_argument("--new-tokens", type=positive_int, default=32)
+    vllm.add_argument("--new-tokens", type=positive_int, default=128,
+                      help="greedy tokens per request; the decode medians need them to outlast the prefills")
     vllm.add_argument("--kv-cache-gib", type=positive_int, default=8, help="VLLM_CPU_KVCACHE_SPACE")
     vllm.add_argument("--out", default="results")
     _add_model_option(vllm)
