@@ -15,7 +15,8 @@ from .base import BuildContext, TokenIndex
 
 
 class GrowingBuffer:
-    """A `[heads, n, dim]` tensor that grows along dim 1 by amortised doubling (no copy per append)."""
+    """A `[heads, n, dim]` tensor that grows along dim 1 by an eighth, as the host tier does (amortised, no copy
+    per append; doubling left half of an index's key copy unused after the first decode token)."""
 
     def __init__(self, like: torch.Tensor) -> None:
         self._data = like.new_empty((like.shape[0], max(16, like.shape[1]), like.shape[2]))
@@ -25,7 +26,7 @@ class GrowingBuffer:
     def append(self, rows: torch.Tensor) -> None:
         need = self.length + rows.shape[1]
         if need > self._data.shape[1]:
-            grown = self._data.new_empty((self._data.shape[0], max(need, 2 * self._data.shape[1]), self._data.shape[2]))
+            grown = self._data.new_empty((self._data.shape[0], max(need, self._data.shape[1] * 9 // 8), self._data.shape[2]))
             grown[:, : self.length] = self._data[:, : self.length]
             self._data = grown
         self._data[:, self.length : need] = rows
