@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from ._tree_nodes import _FAST, add_key_to_ancestors, descend, leaf_stats, open_leaf
 
@@ -307,6 +311,39 @@ def _exp_nonpositive(x: np.ndarray, bits: np.ndarray) -> None:
         x[i] *= scale[i]
 
 
+@intrinsic
+def _prefetch(typingctx, array, index):
+    """Ask the CPU to start loading the cache line holding element `index` of the C-contiguous `array` (flat
+    order) into its caches: `llvm.prefetch`, a hint with no effect on results."""
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        byte_ptr = ir.IntType(8).as_pointer()
+        address = builder.bitcast(builder.gep(data, [args[1]]), byte_ptr)
+        i32 = ir.IntType(32)
+        hint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32]),
+                                              "llvm.prefetch.p0")
+        builder.call(hint, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])  # read, keep, data
+        return context.get_dummy_value()
+
+    return types.void(array, index), codegen
+
+
+# candidate pages whose keys are requested this many pages before they are scored: inside a decode step the
+# model's own traffic has evicted them, and each page is a jump the hardware prefetcher cannot guess. Scoring
+# 96 candidate pages x 3 heads x 28 layers from cold memory took 6.5 ms per step, 4.2 ms with 4 pages ahead
+# (1 ahead: 4.7, 8: 4.4; same logits bit for bit)
+_PAGES_AHEAD = 4
+
+
+@numba.njit(cache=True)
+def _prefetch_page(page_keys, h, page):
+    block = page_keys[h, page]  # [page_size, d + 1], contiguous
+    flat = block.reshape(-1)
+    for i in range(0, flat.shape[0], 16):  # 16 float32 = one 64-byte line
+        _prefetch(flat, i)
+
+
 @numba.njit(cache=True, fastmath=_FAST)
 def _rescore(q, h, cand, n_cand, fill, page_keys, scale, resident_lse, logits, bits, top, mass, peak, peak_pages,
              out):
@@ -320,7 +357,11 @@ def _rescore(q, h, cand, n_cand, fill, page_keys, scale, resident_lse, logits, b
     k = out.shape[0]
     # 1) logits of every token of the candidates, a page at a time
     top[:] = -np.inf
+    for c in range(min(_PAGES_AHEAD, n_cand)):
+        _prefetch_page(page_keys, h, cand[c])
     for c in range(n_cand):
+        if c + _PAGES_AHEAD < n_cand:
+            _prefetch_page(page_keys, h, cand[c + _PAGES_AHEAD])
         used = fill[h, cand[c]]  # a page's tokens sit in its first `fill` slots
         base = c * page_size
         for s in range(page_size):
