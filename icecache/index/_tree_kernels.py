@@ -331,8 +331,8 @@ def _prefetch(typingctx, array, index):
 
 # candidate pages whose keys are requested this many pages before they are scored: inside a decode step the
 # model's own traffic has evicted them, and each page is a jump the hardware prefetcher cannot guess. Scoring
-# 96 candidate pages x 3 heads x 28 layers from cold memory took 6.5 ms per step, 4.2 ms with 4 pages ahead
-# (1 ahead: 4.7, 8: 4.4; same logits bit for bit)
+# 96 candidate pages x 3 heads x 28 layers from cold memory took 6.1-6.5 ms per step, 3.9-4.4 ms with 2 or 4
+# pages ahead (benchmarks/prefetch_rescore.py; the same logits bit for bit)
 _PAGES_AHEAD = 4
 
 
