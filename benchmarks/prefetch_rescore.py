@@ -3,7 +3,8 @@
 Times the rescoring's first loop (the logits of every token of 96 candidate pages, 3 KV heads of 3 query
 heads, head_dim 64, 16-token pages: the embedded model at budget 256) over 28 layers' worth of random page
 keys, with a 64 MB sweep between passes so that, as inside a decode step, the keys come from memory. The loop
-is the kernel's, with the look-ahead as a parameter; every look-ahead gives the same logits bit for bit.
+is the kernel's own (`candidate_logits`), with the look-ahead as its parameter; every look-ahead gives the
+same logits bit for bit.
 
     .venv/bin/python benchmarks/prefetch_rescore.py [LAYERS]
 """
@@ -15,47 +16,14 @@ import numba
 import numpy as np
 from numba.typed import List
 
-from icecache.index._tree_kernels import _FAST, _prefetch
-
-
-@numba.njit(fastmath=_FAST)
-def rescore_logits32(q, h, cand, n_cand, fill, page_keys, scale, logits, top, ahead):
-    group, dim = q.shape
-    page_size = page_keys.shape[2]
-    stride = page_size * page_keys.shape[3]  # floats per page
-    flat = page_keys.reshape(-1)
-    head0 = h * page_keys.shape[1] * stride
-    top[:] = -np.inf
-    for c in range(min(ahead, n_cand)):
-        for line in range(0, stride, 16):
-            _prefetch(flat, head0 + cand[c] * stride + line)
-    for c in range(n_cand):
-        if ahead > 0 and c + ahead < n_cand:
-            base_next = head0 + cand[c + ahead] * stride
-            for line in range(0, stride, 16):
-                _prefetch(flat, base_next + line)
-        used = fill[h, cand[c]]
-        base = c * page_size
-        for s in range(page_size):
-            if s >= used:
-                for g in range(group):
-                    logits[g, base + s] = -np.inf
-                continue
-            key = page_keys[h, cand[c], s]
-            for g in range(group):
-                a = np.float32(0.0)
-                for j in range(dim):
-                    a += q[g, j] * key[j]
-                a *= scale
-                logits[g, base + s] = a
-                top[g] = max(top[g], a)
+from icecache.index._tree_kernels import candidate_logits
 
 
 @numba.njit
 def score_all_layers(queries, cands, fills, page_keys, scale, logits, top, n_cand, ahead):
     for layer in range(len(page_keys)):
         for h in range(queries.shape[1]):
-            rescore_logits32(queries[layer, h], h, cands[layer, h], n_cand, fills[layer], page_keys[layer], scale,
+            candidate_logits(queries[layer, h], h, cands[layer, h], n_cand, fills[layer], page_keys[layer], scale,
                              logits, top, ahead)
 
 

@@ -105,10 +105,7 @@ def format_table(rows: list[DemoRow]) -> str:
         tps = r.new_tokens / r.seconds if r.seconds else 0.0
         ratio = r.device_kv_bytes / r.full_kv_bytes if r.full_kv_bytes else 0.0
         sparse = r.sparse_device_bytes / r.sparse_full_bytes if r.sparse_full_bytes else 1.0
-        if r.method == "full KV":
-            host = "-"  # no host tier: every token on the device
-        else:
-            host = "-" if r.host_bytes is None else f"{r.host_bytes / 2**20:.1f}"
+        host = "-" if r.host_bytes is None else f"{r.host_bytes / 2**20:.1f}"  # None: full KV, or an older run
         lines.append(f"| {r.method:<10} | {r.budget:>6} | {acc:>9} | {tps:>12.1f} | "
                      f"{r.device_kv_bytes / 2**20:>13.1f} | {ratio:>10.3f} | {sparse:>24.3f} | {host:>21} |")
     return "\n".join(lines)

@@ -345,23 +345,18 @@ def _prefetch_page(page_keys, h, page):
 
 
 @numba.njit(cache=True, fastmath=_FAST)
-def _rescore(q, h, cand, n_cand, fill, page_keys, scale, resident_lse, logits, bits, top, mass, peak, peak_pages,
-             out):
-    """Scores the tokens of the candidate pages `cand[:n_cand]` exactly (a softmax per query head over them
-    plus the resident tokens) and writes into `out` the candidates holding the most attention mass,
-    summed over the group, best first; empty pages rank last. With `peak_pages > 0`, the first
-    `peak_pages` of `out` are instead the candidates holding the most probable single tokens (`peak`
-    `[n_cand]` scratch: a page's best token probability over the group), the rest by mass."""
+def candidate_logits(q, h, cand, n_cand, fill, page_keys, scale, logits, top, pages_ahead):
+    """`logits[g, c * page_size + s]` = `scale * q[g] . key` for slot `s` of candidate page `cand[c]` of KV head
+    `h` (-inf for empty slots), and `top[g]` their max; each page's keys prefetched `pages_ahead` pages before
+    it is scored (0: none)."""
     group, dim = q.shape
     page_size = page_keys.shape[2]
-    k = out.shape[0]
-    # 1) logits of every token of the candidates, a page at a time
     top[:] = -np.inf
-    for c in range(min(_PAGES_AHEAD, n_cand)):
+    for c in range(min(pages_ahead, n_cand)):
         _prefetch_page(page_keys, h, cand[c])
     for c in range(n_cand):
-        if c + _PAGES_AHEAD < n_cand:
-            _prefetch_page(page_keys, h, cand[c + _PAGES_AHEAD])
+        if c + pages_ahead < n_cand and pages_ahead > 0:
+            _prefetch_page(page_keys, h, cand[c + pages_ahead])
         used = fill[h, cand[c]]  # a page's tokens sit in its first `fill` slots
         base = c * page_size
         for s in range(page_size):
@@ -377,6 +372,21 @@ def _rescore(q, h, cand, n_cand, fill, page_keys, scale, resident_lse, logits, b
                 a *= scale
                 logits[g, base + s] = a
                 top[g] = max(top[g], a)
+
+
+@numba.njit(cache=True, fastmath=_FAST)
+def _rescore(q, h, cand, n_cand, fill, page_keys, scale, resident_lse, logits, bits, top, mass, peak, peak_pages,
+             out):
+    """Scores the tokens of the candidate pages `cand[:n_cand]` exactly (a softmax per query head over them
+    plus the resident tokens) and writes into `out` the candidates holding the most attention mass,
+    summed over the group, best first; empty pages rank last. With `peak_pages > 0`, the first
+    `peak_pages` of `out` are instead the candidates holding the most probable single tokens (`peak`
+    `[n_cand]` scratch: a page's best token probability over the group), the rest by mass."""
+    group = q.shape[0]
+    page_size = page_keys.shape[2]
+    k = out.shape[0]
+    # 1) logits of every token of the candidates, a page at a time
+    candidate_logits(q, h, cand, n_cand, fill, page_keys, scale, logits, top, _PAGES_AHEAD)
     # 2) softmax per query head over the candidate tokens (and the resident ones); mass per page, summed
     # over the group
     mass[:] = 0.0
