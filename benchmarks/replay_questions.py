@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["tree"])
     parser.add_argument("--budgets", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--page-size", type=int, default=None, help="tokens per KV page (default: the budget rule's)")
     args = parser.parse_args()
     model, tokenizer = load_model(args.model)
     frame = "inline" if model_spec(args.model).instruct else "qa"
@@ -44,9 +45,10 @@ def main() -> None:
         base, first = shared_prefill(model, ids, max(args.budgets))
         line = [f"question {j} ({source}) {task.answers}:"]
         for spec, (name, options) in variants.items():
-            donor = IceRuntime(index=name, budget=max(args.budgets), index_options=options).new_cache(model, prefill=base)
+            donor = IceRuntime(index=name, budget=max(args.budgets), page_size=args.page_size,
+                               index_options=options).new_cache(model, prefill=base)
             for budget in args.budgets:
-                cache = IceRuntime(index=name, budget=budget, index_options=options).new_cache(model, prefill=donor)
+                cache = IceRuntime(index=name, budget=budget, page_size=args.page_size, index_options=options).new_cache(model, prefill=donor)
                 out = generate_after_prefill(model, cache, ids, first, NEW_TOKENS[task.kind])[0]
                 text = tokenizer.decode(out, skip_special_tokens=True)
                 counts[(spec, budget)] += task.score(text)
