@@ -76,7 +76,6 @@ def test_vllm_results_are_rendered_from_the_committed_json():
         "benchmarks/VLLM.md is stale: python -m icecache.bench.vllm benchmarks/vllm/*.json > benchmarks/VLLM.md"
 
 
-
 def test_vllm_runs_are_described_by_the_budget_rule_they_recorded():
     # a run records its resolved rule, so a later change of the default rule cannot relabel it; a run from
     # before that recorded none ran the old rule at budget 256
@@ -94,6 +93,7 @@ def test_vllm_runs_are_described_by_the_budget_rule_they_recorded():
     for key in ("sink", "window", "page_size"):
         run["settings"].pop(key)
     assert "budget 256 (sink 16, window 32, page 16)" in render_results([run])
+
 
 def test_latency_bench_accounts_every_phase_per_batch(smollm, tmp_path):
     from icecache.bench.latency import format_latency, plot_latency, run_latency

@@ -229,6 +229,7 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
 
     from ..index import DEFAULT_INDEX
     from .prefill import METHODS
+    from .vllm import DEFAULT_KV_CACHE_GIB, DEFAULT_NEW_TOKENS
 
     prefill = kinds.add_parser("prefill", help="prefill time and peak RSS at long context, icecache vs transformers")
     prefill.add_argument("--contexts", type=positive_int, nargs="+", default=[8192, 16384, 32000])
@@ -256,9 +257,9 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
                       help="CONTEXTxREQUESTS: prompt tokens and concurrent requests")
     vllm.add_argument("--indexes", nargs="+", default=None)
     vllm.add_argument("--budget", type=positive_int, default=256)
-    vllm.add_argument("--new-tokens", type=positive_int, default=128,
+    vllm.add_argument("--new-tokens", type=positive_int, default=DEFAULT_NEW_TOKENS,
                       help="greedy tokens per request; the decode medians need them to outlast the prefills")
-    vllm.add_argument("--kv-cache-gib", type=positive_int, default=8, help="VLLM_CPU_KVCACHE_SPACE")
+    vllm.add_argument("--kv-cache-gib", type=positive_int, default=DEFAULT_KV_CACHE_GIB, help="VLLM_CPU_KVCACHE_SPACE")
     vllm.add_argument("--out", default="results")
     _add_model_option(vllm)
     vllm.set_defaults(run=_vllm, parser=vllm, check=lambda a: check_rows(a.indexes, [a.budget]))

@@ -21,6 +21,8 @@ from ..runtime.budget import Budget
 from .common import environment, prompt_ids, table
 
 ROOT = Path(__file__).resolve().parents[2]
+#: `run_vllm`'s and the CLI's defaults; a rendered command names only the flags that differ from them
+DEFAULT_NEW_TOKENS, DEFAULT_KV_CACHE_GIB = 128, 8
 
 
 def vllm_python() -> Path:
@@ -65,7 +67,8 @@ def _root_cause(output: str) -> str:
 
 
 def run_vllm(model_name: str = "smollm2-135m", points=((4096, 1), (4096, 4), (4096, 16), (8192, 16)),
-             indexes=None, budget: int = 256, new_tokens: int = 128, kv_cache_gib: int = 8) -> dict:
+             indexes=None, budget: int = 256, new_tokens: int = DEFAULT_NEW_TOKENS,
+             kv_cache_gib: int = DEFAULT_KV_CACHE_GIB) -> dict:
     """Stock vLLM and vLLM with each index in `indexes` (default: every registered one) at `budget`, at every
     (context, concurrent requests) of `points`. The decode columns are medians over the steps in which every
     request decodes: `new_tokens` must outlast the prompts' prefill chunks, which vLLM interleaves with the
@@ -134,8 +137,9 @@ def _rule_of(budget: Budget) -> dict:
 
 def _non_default_flags(settings: dict) -> str:
     gib = settings.get("kv_cache_gib")  # runs before 2026-12-05 did not record it (they used the default, 8)
-    flags = f" --kv-cache-gib {gib}" if gib not in (None, 8) else ""
-    return flags + (f" --new-tokens {settings['new_tokens']}" if settings["new_tokens"] != 128 else "")
+    flags = f" --kv-cache-gib {gib}" if gib not in (None, DEFAULT_KV_CACHE_GIB) else ""
+    new_tokens = settings["new_tokens"]
+    return flags + (f" --new-tokens {new_tokens}" if new_tokens != DEFAULT_NEW_TOKENS else "")
 
 
 def render_results(results: list[dict]) -> str:
