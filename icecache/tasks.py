@@ -14,7 +14,7 @@ from functools import lru_cache
 
 TASK_KINDS = ("passkey", "multikey", "multivalue", "vartrack", "twohop")
 #: haystack prose that ships with Python or a dependency, by name (`prose_source(name)`)
-PROSE_SOURCES = ("pydoc", "numpy")
+PROSE_SOURCES = ("pydoc", "numpy", "torch")
 #: how a question is framed: "inline" (instruct models: the question, then the start of the answer) or "qa"
 #: (base models: needles as paragraphs of their own, then "Question: ...\nAnswer: ...", completion-style)
 FRAMES = ("inline", "qa")
@@ -66,11 +66,46 @@ def numpy_prose() -> str:
     return "\n".join(paragraphs)
 
 
+@lru_cache(maxsize=1)
+def torch_prose() -> str:
+    """English prose from PyTorch's docstrings (descriptions, without argument lists, examples or math; ~50k
+    tokens), one paragraph per line. The defaults were chosen on `pydoc` and `numpy` haystacks; this one
+    checks them on text they were not tuned on."""
+    import inspect
+
+    import torch
+    import torch.distributions
+    import torch.nn.functional
+    import torch.optim
+    import torch.utils.data
+
+    sections = ("Args:", "Arguments:", "Example", "Keyword", "Returns:", "Shape:", "Note:", "Warning:",
+                "Attributes:", ".. ", "- ")
+    argument = re.compile(r"\w+ \((?:[\w.]+|\w+ or \w+)(?:, optional)?\):")  # "eps (float, optional):"
+    roles = re.compile(r":(?:class|func|meth|attr|math|ref|mod):`~?([^`]*)`")  # ":class:`~torch.Tensor`"
+    paragraphs: dict[str, None] = {}
+    for module in (torch, torch.nn, torch.nn.functional, torch.optim, torch.linalg, torch.distributions,
+                   torch.utils.data, torch.fft, torch.special):
+        for name in sorted(dir(module)):
+            thing = getattr(module, name, None)
+            # torch's own objects only: its namespace also holds modules such as `inspect`
+            owner = getattr(thing, "__module__", None) or getattr(thing, "__name__", None)
+            doc = inspect.getdoc(thing) if not name.startswith("_") and str(owner).startswith("torch") else None
+            for block in (doc or "").split("\n\n"):
+                if block.lstrip().startswith(sections) or argument.search(block):
+                    continue
+                if line := _prose_paragraph(roles.sub(r"\1", block).replace("``", "").replace("`", "")):
+                    paragraphs[line] = None
+    return "\n".join(paragraphs)
+
+
 def prose_source(name: str) -> str:
-    """Haystack prose by name: "pydoc" (`default_prose()`) or "numpy" (`numpy_prose()`)."""
-    if name not in PROSE_SOURCES:
+    """Haystack prose by name: "pydoc" (`default_prose()`), "numpy" (`numpy_prose()`) or "torch"
+    (`torch_prose()`)."""
+    sources = {"pydoc": default_prose, "numpy": numpy_prose, "torch": torch_prose}
+    if name not in sources:
         raise ValueError(f"prose source must be one of {PROSE_SOURCES}, got {name!r}")
-    return default_prose() if name == "pydoc" else numpy_prose()
+    return sources[name]()
 
 
 def sentences(prose: str) -> list[str]:

@@ -6,7 +6,7 @@ import pytest
 
 from icecache.bench.stats import Paired, mcnemar_exact, wilson_interval
 from icecache.bench.tasks import FULL, summarize
-from icecache.tasks import PROSE_SOURCES, TaskBuilder, numpy_prose, prose_source
+from icecache.tasks import PROSE_SOURCES, TaskBuilder, numpy_prose, prose_source, torch_prose
 
 
 class WordTokenizer:
@@ -57,8 +57,11 @@ def test_two_hop_facts_lie_half_a_context_apart_and_prose_sources_differ():
     holds = task.context.index(f"vault holds the number {task.answers[0]}")
     assert (holds - vault) / len(task.context) == pytest.approx(0.5, abs=0.05)
     assert task.question.endswith("holds the number") and task.score(f" {task.answers[0]}.")
-    assert PROSE_SOURCES == ("pydoc", "numpy") and prose_source("numpy") == numpy_prose()
+    assert PROSE_SOURCES == ("pydoc", "numpy", "torch") and prose_source("numpy") == numpy_prose()
     assert len(numpy_prose()) > 50_000 and ">>>" not in numpy_prose()
+    assert prose_source("torch") == torch_prose() and len(torch_prose()) > 150_000  # ~45k tokens: an 8k haystack
+    assert not any(marker in torch_prose() for marker in (">>>", ":class:`", "Args:", "(float, optional):"))
+    assert not set(torch_prose().splitlines()) & set(numpy_prose().splitlines())
     with pytest.raises(ValueError, match="prose source must be one of"):
         prose_source("nope")
     with pytest.warns(UserWarning, match="short of the"):  # 400 sentences of 11 words: ~4400 tokens
