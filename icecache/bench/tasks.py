@@ -399,8 +399,10 @@ def suite_readme_block(results: list[dict], methods: tuple[str, ...] | None = No
             rule = _rule(result["settings"])  # None: the budget's default
             rule = "".join(f"; {name} {rule[key]}" for key, name in (("window", "window"), ("page_size", "page"))
                            if rule[key] is not None)
+            prose = ", ".join(result["settings"].get("sources") or ["pydoc"])
             lines.append(f"- {model}, ~{context} tokens, {len({_question(r) for r in records})} questions "
-                         f"({', '.join(result['settings']['kinds'])}; full KV answers {full['accuracy']:.2f}{rule}): "
+                         f"({', '.join(result['settings']['kinds'])}; prose {prose}; full KV answers "
+                         f"{full['accuracy']:.2f}{rule}): "
                          f"share of full KV's answers kept at budget{'s' if len(budgets) > 1 else ''} "
                          f"{' / '.join(map(str, budgets))}: {shares}")
     return "\n".join(lines)
