@@ -311,3 +311,20 @@ def test_latency_bench_names_a_bad_pass_count():
 
     with pytest.raises(ValueError, match="passes must be a positive int"):
         run_latency(None, None, passes=0)
+
+
+@pytest.mark.model
+def test_recall_bench_reads_the_named_prose_source(smollm, monkeypatch):
+    from icecache.bench import recall as recall_bench
+    from icecache.tasks import torch_prose
+
+    model, tokenizer = smollm
+    read = []
+    real_prompt_ids = recall_bench.prompt_ids
+    monkeypatch.setattr(recall_bench, "prompt_ids", lambda tok, tokens, prose: read.append(prose) or
+                        real_prompt_ids(tok, tokens, prose))
+    result = recall_bench.run_recall(model, tokenizer, contexts=(512,), budgets=(64,), indexes=["window", "exact"],
+                                     steps=2, layers=[2], source="torch")
+    assert read == [torch_prose()] and result["settings"]["prose"] == "torch docstrings"
+    recall = {row["index"]: row["recall"] for row in result["rows"]}
+    assert 0 <= recall["window"] <= 1 and 0 < recall["exact"] <= recall[recall_bench.CEILING] <= 1

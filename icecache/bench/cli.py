@@ -79,7 +79,8 @@ def _recall(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model, tokenizer = _load_model(args)
     result = run_recall(model, tokenizer, contexts=args.contexts, budgets=args.budgets, indexes=args.indexes,
-                        steps=args.steps, layers=args.layers, prose=_read_prose(args.prose), sink=args.sink,
+                        steps=args.steps, layers=args.layers, prose=_read_prose(args.prose), source=args.source,
+                        sink=args.sink,
                         window=args.window, page_size=args.page_size)
     result["settings"]["model"] = args.model
     return _finish(args, "recall", result, start, format_recall(result), plot_recall)
@@ -160,6 +161,8 @@ def _vllm(args: argparse.Namespace) -> int:
 
 
 def add_bench_commands(sub: argparse._SubParsersAction) -> None:
+    from ..tasks import PROSE_SOURCES
+
     bench = sub.add_parser("bench", help="benchmarks: recall, tasks, latency, prefill, kernel, vllm")
     kinds = bench.add_subparsers(dest="bench", required=True)
 
@@ -169,7 +172,9 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     recall.add_argument("--indexes", nargs="+", default=None, help=INDEX_SPEC_HELP)
     recall.add_argument("--steps", type=positive_int, default=32, help="greedy decode steps scored per context")
     recall.add_argument("--layers", type=int, nargs="+", default=None, help="default: every 3rd sparse layer")
-    recall.add_argument("--prose", default=None, help="a text file to use instead of pydoc_data prose")
+    recall.add_argument("--source", default="pydoc", choices=PROSE_SOURCES,
+                        help="haystack prose by name (default pydoc; torch: text no default was tuned on)")
+    recall.add_argument("--prose", default=None, help="a text file to use instead of a named --source")
     recall.add_argument("--sink", type=int, default=16, help="first tokens always attended (budget rule)")
     recall.add_argument("--window", type=int, default=None,
                         help="most recent tokens always attended (budget rule; default 32, 16 under budget 128)")
@@ -189,8 +194,6 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     tasks.add_argument("--budgets", type=positive_int, nargs="+", default=[64, 256])
     tasks.add_argument("--questions", type=positive_int, default=None,
                        help="questions per kind and context at evenly spread depths (instead of --depths)")
-    from ..tasks import PROSE_SOURCES
-
     tasks.add_argument("--sources", nargs="+", default=["pydoc"], choices=PROSE_SOURCES,
                        help="haystack prose, taken in turn per question")
     tasks.add_argument("--indexes", nargs="+", default=None, help=INDEX_SPEC_HELP)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..index import available_indexes, get_index, parse_index_spec
 from ..runtime import Budget, SparseLayer, layer_plan
 from .capture import Capture, capture
+from ..tasks import prose_source
 from .common import environment, prompt_ids, table, write_json
 
 CEILING = "tokens (ceiling)"
@@ -110,13 +111,14 @@ def evaluate_layer(cap: Capture, layer_idx: int, index: str, budget: Budget,
 
 def run_recall(model, tokenizer, contexts=(4096,), budgets=(64, 128, 256, 512), indexes=None, steps: int = 32,
                layers=None, page_size: int | None = None, sink: int = 16, window: int | None = None, prose: str | None = None,
-               dense_layers: int = 2, index_options: dict | None = None) -> dict:
-    """Run the recall benchmark; returns a JSON-ready dict with per-layer and averaged rows."""
+               dense_layers: int = 2, index_options: dict | None = None, source: str = "pydoc") -> dict:
+    """Run the recall benchmark; returns a JSON-ready dict with per-layer and averaged rows. The model reads
+    `prose` (a text) or else the named `source` (`icecache.tasks.PROSE_SOURCES`)."""
     indexes = list(indexes or available_indexes())
     index_options = index_options or {}
     rows = []
     for context in contexts:
-        ids = prompt_ids(tokenizer, context, prose)
+        ids = prompt_ids(tokenizer, context, prose if prose is not None else prose_source(source))
         cap = capture(model, ids, steps)
         # the layers icecache retrieves for (full attention past the dense ones), every third by default
         sparse_ids = [i for i, (kind, _) in enumerate(layer_plan(model.config, dense_layers)) if kind == "sparse"]
@@ -138,7 +140,8 @@ def run_recall(model, tokenizer, contexts=(4096,), budgets=(64, 128, 256, 512), 
     return {"benchmark": "recall", "environment": environment(),
             "settings": {"contexts": list(contexts), "budgets": list(budgets), "steps": steps,
                          "page_size": page_size, "sink": sink, "window": window, "layers": layer_ids,
-                         "prose": "pydoc_data.topics" if prose is None else "user text"},
+                         "prose": "user text" if prose is not None
+                         else "pydoc_data.topics" if source == "pydoc" else f"{source} docstrings"},
             "rows": rows}
 
 
