@@ -328,3 +328,20 @@ def test_recall_bench_reads_the_named_prose_source(smollm, monkeypatch):
     assert read == [torch_prose()] and result["settings"]["prose"] == "torch docstrings"
     recall = {row["index"]: row["recall"] for row in result["rows"]}
     assert 0 <= recall["window"] <= 1 and 0 < recall["exact"] <= recall[recall_bench.CEILING] <= 1
+
+
+def test_readme_recall_figures_are_the_committed_json():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def recall(folder: str, index: str) -> str:  # 4k, budget 256
+        rows = json.loads((root / "benchmarks" / folder / "recall.json").read_text())["rows"]
+        row = next(r for r in rows if (r["context"], r["index"], r["budget"]) == (4096, index, 256))
+        return f"{row['recall']:.3f}"
+
+    today = recall("recall_span_reach16", "tree:span_reach=16")  # today's default at budget 256
+    claim = (f"4k recall {today} at budget 256, against {recall('.', 'exact')} for `exact`; "
+             f"{recall('recall_torch', 'tree')} against {recall('recall_torch', 'exact')} on PyTorch's docstrings")
+    assert claim in " ".join((root / "README.md").read_text().split())

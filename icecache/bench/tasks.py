@@ -354,7 +354,9 @@ def render_suite(results: list[dict], where: tuple[str, str] = SUITE) -> str:
             if not records:
                 continue
             n = len({_question(r) for r in records})
-            lines += [f"## ~{context} tokens, {n} questions ({result['settings'].get('model', 'smollm2-135m')})", "",
+            model = result["settings"].get("model", "smollm2-135m")
+            prose = ", ".join(result["settings"].get("sources") or ["pydoc"])
+            lines += [f"## ~{context} tokens, {n} questions ({model}; prose {prose})", "",
                       f"`{_command(result)}` ({env.get('device', 'cpu')}, {env.get('date', '')})", ""]
             if result.get("notes"):  # how the run's rows came together (merged, joined, added, relabelled)
                 lines += [f"Notes: {result['notes']}", ""]
