@@ -23,3 +23,5 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT_DIR/device.txt
 "$PY" -m pytest -q tests/test_gemma.py tests/test_hybrid.py | tee "$OUT_DIR/test_gemma.txt"
 "$PY" -m icecache bench latency --model gemma3-270m --dtype bfloat16 --contexts 8192 32000 \
     --indexes tree exact --budget 256 --steps 8 --out "$OUT_DIR/gemma3" | tee "$OUT_DIR/latency_gemma3.txt"
+# Not here: the vLLM backend on CUDA. The device image has no vLLM, fetches nothing, and its CUDA wheel (vLLM
+# 0.34.0: 227 MiB, torch==2.13.0) is over what a command may carry (64 MiB); see docs/vllm.md, "CUDA".
