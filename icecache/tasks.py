@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 TASK_KINDS = ("passkey", "multikey", "multivalue", "vartrack", "twohop")
-#: haystack prose that ships with Python or a dependency, by name (`prose_source(name)`)
-PROSE_SOURCES = ("pydoc", "numpy", "torch")
 #: how a question is framed: "inline" (instruct models: the question, then the start of the answer) or "qa"
 #: (base models: needles as paragraphs of their own, then "Question: ...\nAnswer: ...", completion-style)
 FRAMES = ("inline", "qa")
@@ -68,7 +66,7 @@ def numpy_prose() -> str:
 
 @lru_cache(maxsize=1)
 def torch_prose() -> str:
-    """English prose from PyTorch's docstrings (descriptions, without argument lists, examples or math; ~50k
+    """English prose from PyTorch's docstrings (descriptions, without argument lists, examples or math; ~47k
     tokens), one paragraph per line. The defaults were chosen on `pydoc` and `numpy` haystacks; this one
     checks them on text they were not tuned on."""
     import inspect
@@ -99,13 +97,17 @@ def torch_prose() -> str:
     return "\n".join(paragraphs)
 
 
+#: haystack prose that ships with Python or a dependency, by name (`prose_source(name)`)
+_PROSE_BY_NAME = {"pydoc": default_prose, "numpy": numpy_prose, "torch": torch_prose}
+PROSE_SOURCES = tuple(_PROSE_BY_NAME)
+
+
 def prose_source(name: str) -> str:
     """Haystack prose by name: "pydoc" (`default_prose()`), "numpy" (`numpy_prose()`) or "torch"
     (`torch_prose()`)."""
-    sources = {"pydoc": default_prose, "numpy": numpy_prose, "torch": torch_prose}
-    if name not in sources:
+    if name not in _PROSE_BY_NAME:
         raise ValueError(f"prose source must be one of {PROSE_SOURCES}, got {name!r}")
-    return sources[name]()
+    return _PROSE_BY_NAME[name]()
 
 
 def sentences(prose: str) -> list[str]:

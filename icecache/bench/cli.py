@@ -80,8 +80,7 @@ def _recall(args: argparse.Namespace) -> int:
     model, tokenizer = _load_model(args)
     result = run_recall(model, tokenizer, contexts=args.contexts, budgets=args.budgets, indexes=args.indexes,
                         steps=args.steps, layers=args.layers, prose=_read_prose(args.prose), source=args.source,
-                        sink=args.sink,
-                        window=args.window, page_size=args.page_size)
+                        sink=args.sink, window=args.window, page_size=args.page_size)
     result["settings"]["model"] = args.model
     return _finish(args, "recall", result, start, format_recall(result), plot_recall)
 

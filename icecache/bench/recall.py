@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 
 from ..index import available_indexes, get_index, parse_index_spec
 from ..runtime import Budget, SparseLayer, layer_plan
-from .capture import Capture, capture
 from ..tasks import prose_source
+from .capture import Capture, capture
 from .common import environment, prompt_ids, table, write_json
 
 CEILING = "tokens (ceiling)"

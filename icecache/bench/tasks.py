@@ -119,6 +119,11 @@ def _full_answers(result: dict, seeds: dict | None = None) -> dict:
             for rec in result["records"] if rec["method"] == FULL}
 
 
+def _prose(settings: dict) -> list[str]:
+    """The haystack sources a run read (runs from before sources were recorded read `pydoc_data`)."""
+    return settings.get("sources") or ["pydoc"]
+
+
 def _rule(settings: dict) -> dict:
     return {**RULE_DEFAULTS, **(settings.get("runtime_options") or {})}
 
@@ -307,7 +312,7 @@ def _command(result: dict) -> str:
     parts = ["icecache bench tasks", f"--kinds {' '.join(s['kinds'])}",
              f"--contexts {' '.join(map(str, s['contexts']))}"]
     parts += [f"--questions {s['questions']}"] if s.get("questions") else [f"--depths {' '.join(map(str, s['depths']))}"]
-    parts += [f"--sources {' '.join(s.get('sources', ['pydoc']))}", f"--budgets {' '.join(map(str, s['budgets']))}",
+    parts += [f"--sources {' '.join(_prose(s))}", f"--budgets {' '.join(map(str, s['budgets']))}",
               f"--indexes {' '.join(indexes)}"]
     seeds = s["seed"] if isinstance(s["seed"], list) else [s["seed"]]
     if len(seeds) > 1 and s.get("questions"):  # merged runs (`merge_runs`): one command per seed
@@ -355,7 +360,7 @@ def render_suite(results: list[dict], where: tuple[str, str] = SUITE) -> str:
                 continue
             n = len({_question(r) for r in records})
             model = result["settings"].get("model", "smollm2-135m")
-            prose = ", ".join(result["settings"].get("sources") or ["pydoc"])
+            prose = ", ".join(_prose(result["settings"]))
             lines += [f"## ~{context} tokens, {n} questions ({model}; prose {prose})", "",
                       f"`{_command(result)}` ({env.get('device', 'cpu')}, {env.get('date', '')})", ""]
             if result.get("notes"):  # how the run's rows came together (merged, joined, added, relabelled)
@@ -401,9 +406,9 @@ def suite_readme_block(results: list[dict], methods: tuple[str, ...] | None = No
             rule = _rule(result["settings"])  # None: the budget's default
             rule = "".join(f"; {name} {rule[key]}" for key, name in (("window", "window"), ("page_size", "page"))
                            if rule[key] is not None)
-            prose = ", ".join(result["settings"].get("sources") or ["pydoc"])
             lines.append(f"- {model}, ~{context} tokens, {len({_question(r) for r in records})} questions "
-                         f"({', '.join(result['settings']['kinds'])}; prose {prose}; full KV answers "
+                         f"({', '.join(result['settings']['kinds'])}; prose {', '.join(_prose(result['settings']))}; "
+                         f"full KV answers "
                          f"{full['accuracy']:.2f}{rule}): "
                          f"share of full KV's answers kept at budget{'s' if len(budgets) > 1 else ''} "
                          f"{' / '.join(map(str, budgets))}: {shares}")
