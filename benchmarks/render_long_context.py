@@ -13,7 +13,7 @@ from pathlib import Path
 
 from icecache.bench.common import replace_block
 from icecache.bench.tasks import summarize
-from icecache.runtime.budget import describe_rule
+from icecache.runtime.budget import describe_rule, describe_rules
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "gemma3"
@@ -69,7 +69,7 @@ def recall_section(result: dict) -> str:
              f"--budgets {' '.join(map(str, budgets))} --steps {s['steps']} --out benchmarks/gemma3",
              "```", "",
              f"Retrievable attention-mass recall, averaged over the global layers {s.get('layers')}, the KV head, "
-             f"and {s['steps']} greedy decode steps (sink {s['sink']}, {describe_rule(s['window'], s['page_size'])}).",
+             f"and {s['steps']} greedy decode steps (sink {s['sink']}, {describe_rules(s['rules']) if 'rules' in s else describe_rule(s['window'], s['page_size'])}).",
              ""]
     for context in s["contexts"]:
         rows = [r for r in result["rows"] if r["context"] == context]

@@ -14,12 +14,12 @@ def _demo(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     from .models import model_spec
-    from .runtime.budget import describe_rule
+    from .runtime.budget import describe_rules, resolved_rules
 
     rows = run_demo(samples=args.samples, context_tokens=args.context, budgets=args.budgets,
                     indexes="all" if args.all_indexes else args.indexes, model_name=args.model)
     print(f"\nPass-key retrieval, ~{args.context}-token contexts from pydoc_data prose, "
-          f"{model_spec(args.model).title} (sink 16, {describe_rule(None, None)}; 'device KV' = K/V resident on the "
+          f"{model_spec(args.model).title} (sink 16, {describe_rules(resolved_rules(args.budgets))}; 'device KV' = K/V resident on the "
           f"device tier over all layers, 'sparse layers' = over the layers icecache retrieves for)\n")
     print(format_table(rows))
     wall = time.perf_counter() - start
@@ -33,7 +33,8 @@ def _demo(args: argparse.Namespace) -> int:
             "benchmark": "demo", "environment": environment(), "wall_seconds": wall,
             "settings": {"model": args.model, "context": args.context, "samples": args.samples,
                          "budgets": args.budgets, "indexes": sorted({r.method for r in rows} - {"full KV"}),
-                         "window": None, "page_size": None},  # the default rule (both follow the budget)
+                         "window": None, "page_size": None,  # the default rule, and what it resolved to
+                         "rules": resolved_rules(args.budgets)},
             "rows": [asdict(r) for r in rows]})
         print(f"wrote {path}")
     return 0

@@ -117,15 +117,15 @@ DEMO_START, DEMO_END = "<!-- demo:start -->", "<!-- demo:end -->"
 def render_demo(result: dict) -> str:
     """The demo's last run as the README and benchmarks/RESULTS.md quote it, from `icecache demo --out`'s
     demo.json: its command, wall time, budget rule and table (a test re-renders it, so it cannot drift)."""
-    from .runtime.budget import DEFAULT_PAGE_SIZE, describe_rule
+    from .runtime.budget import describe_rule, describe_rules
 
     s, env = result["settings"], result["environment"]
     rows = [DemoRow(**r) for r in result["rows"]]
     flags = "" if s.get("model", "smollm2-135m") == "smollm2-135m" else f" --model {s['model']}"
     flags += "" if s["context"] == 4096 else f" --context {s['context']}"
     flags += " --all-indexes" if len(s["indexes"]) > len(DEMO_INDEXES) else ""
-    # runs from before the rule was recorded ran window 32 / 16 under budget 128 and 16-token pages
-    rule = f"sink 16, {describe_rule(s.get('window'), s.get('page_size', DEFAULT_PAGE_SIZE))}"
+    # runs from before the rule was recorded ran window 32 (16 under budget 128) and 16-token pages
+    rule = f"sink 16, {describe_rules(s['rules']) if 'rules' in s else describe_rule(s.get('window'), 16)}"
     return "\n".join([
         f"`icecache demo{flags}`: {s['samples']} pass-key questions at ~{s['context']} tokens, {s['model']}, "
         f"budgets {' / '.join(map(str, s['budgets']))} ({rule}); {result['wall_seconds']:.0f} s wall on "

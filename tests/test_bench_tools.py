@@ -203,6 +203,50 @@ def test_merged_task_runs_count_every_question_once():
     assert "page 16" in suite_readme_block([by_budget]) and "page" not in suite_readme_block([rule])
 
 
+def test_task_runs_keep_the_rule_they_recorded_when_the_default_differs():
+    # a run records what each budget resolved to; read back, that and not today's default is its rule
+    from icecache.bench.tasks import _command, effective_rule, merge_runs, pin_rules, suite_readme_block
+
+    def run(seed: int, rules: dict | None) -> dict:
+        question = {"kind": "passkey", "context": 1000, "depth": 0.25, "source": "pydoc", "seed": seed}
+        records = [{**question, "method": "full KV", "budget": None, "correct": True},
+                   {**question, "method": "tree", "budget": 128, "correct": True}]
+        settings = {"kinds": ["passkey"], "contexts": [1000], "budgets": [128], "model": "smollm2-135m",
+                    "frame": "inline", "sources": ["pydoc"], "questions": 1, "seed": seed, "indexes": ["tree"],
+                    "depths": [0.25], "runtime_options": {"select_every": 1, "sink": 16, "window": None,
+                                                          "page_size": None}}
+        return {"benchmark": "tasks", "settings": {**settings, **({"rules": rules} if rules else {})},
+                "records": records}
+
+    other_default = run(0, {"128": {"sink": 16, "window": 24, "page_size": 8}})  # made under another default
+    assert effective_rule(other_default["settings"], 128)["page_size"] == 8
+    assert "--window 24 --page-size 8" in _command(other_default)
+    assert "window 24, page 8" in suite_readme_block([other_default])
+    today = pin_rules(run(500, None))  # a run that left both to today's default, pinned
+    assert today["settings"]["rules"] == {"128": {"sink": 16, "window": 32, "page_size": 16}}
+    assert "--page-size" not in _command(today) and "page" not in suite_readme_block([today])
+    with pytest.raises(ValueError, match="runtime_options"):
+        merge_runs([today, other_default])
+
+
+def test_committed_runs_record_every_rule_they_left_to_a_default():
+    # benchmark JSON whose options leave the window or page size to the budget's default must say what it
+    # resolved to (`settings["rules"]`): otherwise changing a default would silently rename what they ran
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted((root / "benchmarks").rglob("*.json")):
+        result = json.loads(path.read_text())
+        if not isinstance(result, dict) or "settings" not in result:
+            continue
+        s = result["settings"]
+        options = {**s, **(s.get("runtime_options") or {})}
+        if any(key in options and options[key] is None for key in ("window", "page_size")):
+            budgets = s.get("budgets") or [s["budget"]]
+            assert sorted(map(int, s.get("rules", {}))) == sorted(budgets), path.relative_to(root)
+
+
 def test_joined_runs_take_each_budget_from_the_run_with_todays_rule():
     from icecache.bench.tasks import _command, join_budgets
 

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 import icecache
 from icecache.kernels import dense_decode_attention, paged_decode_attention_reference
 from icecache.runtime import Budget, SparseLayer
+from icecache.runtime.budget import describe_rules, resolved_rules
 
 INDEXES = icecache.available_indexes()
 
@@ -118,6 +119,11 @@ def test_budget_rule_errors_name_the_argument():
     assert Budget(64).page_size == 8 and Budget(64).max_pages == 4 and Budget(64, page_size=16).max_pages == 2
     assert Budget(127).page_size == 8 and Budget(128).page_size == 16 and Budget(64, 4).page_size == 4
     assert icecache.IceRuntime(index="exact", budget=64).budget.window == 16
+    # what each budget resolves to, as benchmark JSON records it, and in words
+    rules = resolved_rules([64, 256])
+    assert rules == {"64": {"sink": 16, "window": 16, "page_size": 8}, "256": {"sink": 16, "window": 32, "page_size": 16}}
+    assert describe_rules(rules) == "window 16 and page 8 at budget 64, window 32 and page 16 at budget 256"
+    assert describe_rules(resolved_rules([128, 256], window=24, page_size=8)) == "window 24, page 8"
     with pytest.raises(ValueError, match="budget"):
         icecache.IceRuntime(index="exact", budget=24)
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..index import available_indexes
 from ..runtime import IceRuntime, full_kv_copy, shared_prefill
-from ..runtime.budget import DEFAULT_PAGE_SIZE, Budget, default_page_size
+from ..runtime.budget import Budget, default_page_size, resolved_rules
 from ..runtime.tiers import TransferStats
 from .common import environment, prompt_ids, replace_block, table
 
@@ -182,7 +182,10 @@ def run_latency(model, tokenizer, contexts=(1024, 2048, 4096, 8192), indexes=Non
     return {"benchmark": "latency", "environment": environment(),
             "settings": {"contexts": list(contexts), "budget": budget, "steps": steps, "warmup": warmup,
                          "passes": passes, "batches": list(batches), "floor_context": floor_context,
-                         "runtime_options": runtime_options},
+                         "runtime_options": runtime_options,
+                         "rules": resolved_rules([budget], sink=runtime_options.get("sink", 16),
+                                                 window=runtime_options.get("window"),
+                                                 page_size=runtime_options.get("page_size"))},
             "rows": rows}
 
 
@@ -246,11 +249,15 @@ def _command(result: dict) -> str:
 
 
 def _budget(settings: dict) -> Budget:
-    """A run's budget rule, resolved: recorded window and page size, the budget's default where None, and
-    16-token pages for runs from before `--page-size`."""
+    """A run's budget rule: what it recorded for its budget (`settings["rules"]`), or for runs from before
+    rules were recorded, their window (32) and 16-token pages."""
+    recorded = (settings.get("rules") or {}).get(str(settings["budget"]))
+    if recorded is not None:
+        return Budget(settings["budget"], **recorded)
     options = settings.get("runtime_options") or {}
-    return Budget(settings["budget"], page_size=options.get("page_size", DEFAULT_PAGE_SIZE),
-                  window=options.get("window"))
+    if options.get("page_size", 16) is None or options.get("window", 32) is None:
+        raise ValueError("the run leaves its rule to a default it did not record: pin it (`settings['rules']`)")
+    return Budget(settings["budget"], page_size=options.get("page_size", 16), window=options.get("window", 32))
 
 
 def render_latency(results: list[dict], plot: str | None = "latency/latency.png") -> str:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..index import available_indexes, get_index, parse_index_spec
 from ..runtime import Budget, SparseLayer, layer_plan
+from ..runtime.budget import resolved_rules
 from ..tasks import prose_source
 from .capture import Capture, capture
 from .common import environment, prompt_ids, table, write_json
@@ -140,6 +141,7 @@ def run_recall(model, tokenizer, contexts=(4096,), budgets=(64, 128, 256, 512), 
     return {"benchmark": "recall", "environment": environment(),
             "settings": {"contexts": list(contexts), "budgets": list(budgets), "steps": steps,
                          "page_size": page_size, "sink": sink, "window": window, "layers": layer_ids,
+                         "rules": resolved_rules(budgets, sink=sink, window=window, page_size=page_size),
                          "prose": "user text" if prose is not None
                          else "pydoc_data.topics" if source == "pydoc" else f"{source} docstrings"},
             "rows": rows}

@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..index import DEFAULT_INDEX, available_indexes, parse_index_spec
-from ..runtime.budget import DEFAULT_PAGE_SIZE, Budget
+from ..runtime.budget import describe_rules, resolved_rules
 from ..runtime import IceRuntime, full_kv_copy, generate_after_prefill, shared_prefill
 from ..tasks import TASK_KINDS, TaskBuilder, prose_source
 from .common import environment, replace_block, table
@@ -81,7 +81,8 @@ def run_tasks(model, tokenizer, kinds=TASK_KINDS, contexts=(2048, 4096), depths=
     return {"benchmark": "tasks", "environment": environment(),
             "settings": {"kinds": list(kinds), "contexts": list(contexts), "depths": list(depths), "indexes": indexes,
                          "questions": questions, "sources": sources, "budgets": list(budgets), "seed": seed,
-                         "runtime_options": runtime_options, "frame": frame},
+                         "runtime_options": runtime_options, "rules": _rules_of(runtime_options, budgets),
+                         "frame": frame},
             "records": records, "summary": summarize(records)}
 
 
@@ -106,7 +107,7 @@ def _question(record: dict) -> tuple:
 #: the runtime options a suite run records, as a run that recorded fewer ran them (budget rule, layer reuse):
 #: runs from before the window followed the budget (`default_window`) ran 32 at every budget, and runs from
 #: before the page size followed it (`default_page_size`) ran 16
-RULE_DEFAULTS = {"select_every": 1, "sink": 16, "window": 32, "page_size": DEFAULT_PAGE_SIZE}
+RULE_DEFAULTS = {"select_every": 1, "sink": 16, "window": 32, "page_size": 16}
 #: what `icecache bench tasks` passes when not told: None takes the budget's default window and page size
 CLI_DEFAULTS = {**RULE_DEFAULTS, "window": None, "page_size": None}
 
@@ -142,7 +143,9 @@ def merge_runs(results: list[dict]) -> dict:
     first = results[0]["settings"]
     for other in results[1:]:
         differ = [k for k in keys if other["settings"].get(k) != first.get(k)]
-        if _rule(other["settings"]) != _rule(first):
+        if _rule(other["settings"]) != _rule(first) or any(
+                effective_rule(other["settings"], b) != effective_rule(first, b)
+                for b in first["budgets"] if b in other["settings"]["budgets"]):
             differ.append("runtime_options")
         if differ:
             raise ValueError(f"runs to merge must share {keys}; these differ: {differ}")
@@ -160,12 +163,29 @@ def merge_runs(results: list[dict]) -> dict:
             "merged": [{"environment": r.get("environment"), "seed": r["settings"]["seed"]} for r in results]}
 
 
+def _rules_of(runtime_options: dict, budgets) -> dict:
+    """The rule each budget resolved to (`resolved_rules`) under a run's runtime options."""
+    rule = {**RULE_DEFAULTS, **CLI_DEFAULTS, **runtime_options}
+    return resolved_rules(budgets, sink=rule["sink"], window=rule["window"], page_size=rule["page_size"])
+
+
 def effective_rule(settings: dict, budget: int) -> dict:
-    """The budget rule a run applied at `budget`: its recorded runtime options, None resolved as the
-    budget's default window and page size."""
+    """The budget rule a run applied at `budget`: the window and page size it recorded for that budget
+    (`settings["rules"]`, written by every run since rules are recorded); for a run without them, its
+    runtime options with None resolved under today's defaults (every committed run records its rules, a
+    test checks, so a later change of a default cannot rename what they ran)."""
     rule = _rule(settings)
-    resolved = Budget(budget, page_size=rule["page_size"], sink=rule["sink"], window=rule["window"])
-    return {**rule, "window": resolved.window, "page_size": resolved.page_size}
+    recorded = (settings.get("rules") or {}).get(str(budget))
+    return {**rule, **(recorded if recorded is not None else _rules_of(rule, [budget])[str(budget)])}
+
+
+def pin_rules(result: dict) -> dict:
+    """`result` with `settings["rules"]` filled in for its budgets under today's defaults, for runs that
+    recorded None ("the budget's default") before runs recorded what it resolved to. Only for runs made
+    under today's defaults: a run of an earlier default must say what it ran instead."""
+    settings = result["settings"]
+    rules = {**_rules_of(_rule(settings), settings["budgets"]), **(settings.get("rules") or {})}
+    return {**result, "settings": {**settings, "rules": rules}}
 
 
 def join_budgets(results: list[dict]) -> dict:
@@ -182,7 +202,7 @@ def join_budgets(results: list[dict]) -> dict:
         differ += ["model"] if model(other["settings"]) != model(first) else []
         if differ:
             raise ValueError(f"runs to join must share {keys}; these differ: {differ}")
-    today = lambda b: effective_rule({"runtime_options": CLI_DEFAULTS}, b)
+    today = _today
     taken = {}  # budget -> the run whose rows are taken
     for i, r in enumerate(results):
         for b in r["settings"]["budgets"]:
@@ -204,6 +224,7 @@ def join_budgets(results: list[dict]) -> dict:
     if any(_full_answers(r, seeds) != _full_answers(results[0], seeds) for r in results[1:]):
         raise ValueError("the runs to join must ask the same questions with the same full-KV answers")
     settings = {**first, "budgets": sorted(taken), "runtime_options": dict(CLI_DEFAULTS), "model": model(first),
+                "rules": {str(b): {k: v for k, v in today(b).items() if k != "select_every"} for b in sorted(taken)},
                 "indexes": list(dict.fromkeys(i for r in results for i in r["settings"].get("indexes") or []))}
     return {**results[0], "settings": settings, "records": records, "summary": summarize(records),
             "joined": [{"environment": r.get("environment"), "runtime_options": _rule(r["settings"]),
@@ -306,6 +327,27 @@ def format_tasks(result: dict) -> str:
     return table(rows, columns)
 
 
+def _today(budget: int) -> dict:
+    """The rule `icecache bench tasks` applies at `budget` when not told."""
+    return {**CLI_DEFAULTS, **_rules_of(CLI_DEFAULTS, [budget])[str(budget)]}
+
+
+def _rule_flags(settings: dict) -> list[str]:
+    """The rule options that reproduce a run today: those it set, and for those it left to the budget's
+    default, the values it resolved to where today's default differs (one per budget when they differ)."""
+    rule, budgets = _rule(settings), settings["budgets"]
+    flags = []
+    for key, value in rule.items():
+        flag = f"--{key.replace('_', '-')}"
+        if value is not None and value != CLI_DEFAULTS[key]:
+            flags.append(f"{flag} {value}")
+        elif value is None and any(effective_rule(settings, b)[key] != _today(b)[key] for b in budgets):
+            ran = [effective_rule(settings, b)[key] for b in budgets]
+            flags.append(f"{flag} {ran[0]}" if len(set(ran)) == 1 else
+                         f"{flag} {' / '.join(map(str, ran))} (at budgets {' / '.join(map(str, budgets))})")
+    return flags
+
+
 def _command(result: dict) -> str:
     s = result["settings"]
     indexes = s.get("indexes") or list(dict.fromkeys(r["method"] for r in result["records"] if r["method"] != FULL))
@@ -320,7 +362,7 @@ def _command(result: dict) -> str:
         asked = str(per_seed[0]) if len(set(per_seed)) == 1 else " / ".join(map(str, per_seed))
         parts[parts.index(f"--questions {s['questions']}")] = f"--questions {asked}"
     parts.append(f"--seed {' / '.join(map(str, seeds))}")
-    parts += [f"--{k.replace('_', '-')} {v}" for k, v in _rule(s).items() if v != CLI_DEFAULTS[k]]
+    parts += _rule_flags(s)
     if s.get("model"):
         parts.append(f"--model {s['model']}")
     return " ".join(parts)
@@ -403,9 +445,9 @@ def suite_readme_block(results: list[dict], methods: tuple[str, ...] | None = No
             shares = "; ".join(f"{m} " + " / ".join(f"{kept[(m, b)]:.2f}" if (m, b) in kept else "-" for b in budgets)
                                for m in shown if any((m, b) in kept for b in budgets))
             model = result["settings"].get("model", "smollm2-135m")
-            rule = _rule(result["settings"])  # None: the budget's default
-            rule = "".join(f"; {name} {rule[key]}" for key, name in (("window", "window"), ("page_size", "page"))
-                           if rule[key] is not None)
+            ran = {str(b): effective_rule(result["settings"], b) for b in result["settings"]["budgets"]}
+            rule = "" if all(ran[str(b)] == _today(b) for b in result["settings"]["budgets"]) else \
+                f"; {describe_rules(ran)}"  # a rule other than today's default is named
             lines.append(f"- {model}, ~{context} tokens, {len({_question(r) for r in records})} questions "
                          f"({', '.join(result['settings']['kinds'])}; prose {', '.join(_prose(result['settings']))}; "
                          f"full KV answers "

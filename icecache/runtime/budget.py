@@ -39,6 +39,28 @@ def describe_rule(window: int | None, page_size: int | None) -> str:
     return f"{window_words}, {page_words}"
 
 
+def resolved_rules(budgets, *, sink: int = 16, window: int | None = None,
+                   page_size: int | None = None) -> dict[str, dict[str, int]]:
+    """The rule each of `budgets` resolves to under these options (None: the budget's default), keyed by the
+    budget as a string: `{"64": {"sink": 16, "window": 16, "page_size": 8}, ...}`. Benchmark JSON records it
+    as `settings["rules"]`, so a run keeps the rule it applied when a default changes later."""
+    return {str(b): {"sink": r.sink, "window": r.window, "page_size": r.page_size}
+            for b in budgets for r in [Budget(b, page_size=page_size, sink=sink, window=window)]}
+
+
+def describe_rules(rules: dict[str, dict[str, int]]) -> str:
+    """`resolved_rules` in words, budgets with the same window and page size together: "window 16 and page 8
+    at budget 64, window 32 and page 16 at budgets 128 / 256" (one pair for all: "window 32, page 16")."""
+    groups: dict[tuple[int, int], list[str]] = {}
+    for budget, rule in sorted(rules.items(), key=lambda item: int(item[0])):
+        groups.setdefault((rule["window"], rule["page_size"]), []).append(budget)
+    if len(groups) == 1:
+        (window, page_size), = groups
+        return f"window {window}, page {page_size}"
+    return ", ".join(f"window {window} and page {page_size} at budget{'s' if len(budgets) > 1 else ''} "
+                     f"{' / '.join(budgets)}" for (window, page_size), budgets in groups.items())
+
+
 @dataclass(frozen=True)
 class Budget:
     """`tokens` per KV head per decode step = `sink` first tokens + `window` most recent tokens (always
