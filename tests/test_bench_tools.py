@@ -249,6 +249,7 @@ def test_committed_runs_record_every_rule_they_left_to_a_default():
 
 def test_joined_runs_take_each_budget_from_the_run_with_todays_rule():
     from icecache.bench.tasks import _command, join_budgets
+    from icecache.runtime.budget import resolved_rules
 
     def run(budgets, options, answers, full=(True, True)):
         records = []
@@ -261,8 +262,10 @@ def test_joined_runs_take_each_budget_from_the_run_with_todays_rule():
                     "depths": [0.25], "runtime_options": options}
         return {"benchmark": "tasks", "settings": settings, "records": records}
 
-    older = run([64, 128, 256], {"select_every": 1, "sink": 16, "window": 32}, [False, True])  # window 32, page 16
-    pages = run([64], {"select_every": 1, "sink": 16, "window": None, "page_size": 8}, [True, True])
+    today = {"select_every": 1, "sink": 16, "window": None, "page_size": None}
+    older = run([64, 128, 256], today, [False, True])  # its budget 64 ran an earlier rule, 128 / 256 today's
+    older["settings"]["rules"] = {**resolved_rules([128, 256]), "64": {"sink": 16, "window": 32, "page_size": 16}}
+    pages = run([64], today, [True, True])
     joined = join_budgets([older, pages])
     assert joined["settings"]["budgets"] == [64, 128, 256]
     assert [r["correct"] for r in joined["records"] if r["budget"] == 64] == [True, True]  # from the page-8 run
