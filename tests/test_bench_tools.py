@@ -206,6 +206,7 @@ def test_merged_task_runs_count_every_question_once():
 def test_task_runs_keep_the_rule_they_recorded_when_the_default_differs():
     # a run records what each budget resolved to; read back, that and not today's default is its rule
     from icecache.bench.tasks import _command, effective_rule, merge_runs, pin_rules, suite_readme_block
+    from icecache.runtime.budget import resolved_rules
 
     def run(seed: int, rules: dict | None) -> dict:
         question = {"kind": "passkey", "context": 1000, "depth": 0.25, "source": "pydoc", "seed": seed}
@@ -223,7 +224,7 @@ def test_task_runs_keep_the_rule_they_recorded_when_the_default_differs():
     assert "--window 24 --page-size 8" in _command(other_default)
     assert "window 24, page 8" in suite_readme_block([other_default])
     today = pin_rules(run(500, None))  # a run that left both to today's default, pinned
-    assert today["settings"]["rules"] == {"128": {"sink": 16, "window": 32, "page_size": 16}}
+    assert today["settings"]["rules"] == resolved_rules([128])
     assert "--page-size" not in _command(today) and "page" not in suite_readme_block([today])
     with pytest.raises(ValueError, match="runtime_options"):
         merge_runs([today, other_default])
