@@ -219,10 +219,10 @@ def test_task_runs_keep_the_rule_they_recorded_when_the_default_differs():
         return {"benchmark": "tasks", "settings": {**settings, **({"rules": rules} if rules else {})},
                 "records": records}
 
-    other_default = run(0, {"128": {"sink": 16, "window": 24, "page_size": 8}})  # made under another default
-    assert effective_rule(other_default["settings"], 128)["page_size"] == 8
-    assert "--window 24 --page-size 8" in _command(other_default)
-    assert "window 24, page 8" in suite_readme_block([other_default])
+    other_default = run(0, {"128": {"sink": 16, "window": 24, "page_size": 4}})  # made under another default
+    assert effective_rule(other_default["settings"], 128)["page_size"] == 4
+    assert "--window 24 --page-size 4" in _command(other_default)
+    assert "window 24 and page 4 at budget 128)" in suite_readme_block([other_default])
     today = pin_rules(run(500, None))  # a run that left both to today's default, pinned
     assert today["settings"]["rules"] == resolved_rules([128])
     assert "--page-size" not in _command(today) and "page" not in suite_readme_block([today])

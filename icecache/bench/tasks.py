@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..index import DEFAULT_INDEX, available_indexes, parse_index_spec
-from ..runtime.budget import describe_rules, resolved_rules
+from ..runtime.budget import resolved_rules
 from ..runtime import IceRuntime, full_kv_copy, generate_after_prefill, shared_prefill
 from ..tasks import TASK_KINDS, TaskBuilder, prose_source
 from .common import environment, replace_block, table
@@ -348,6 +348,20 @@ def _rule_flags(settings: dict) -> list[str]:
     return flags
 
 
+def _rule_words(settings: dict) -> str:
+    """Where a run's rule differs from today's default, what it ran ("; page 16 at budgets 128 / 256");
+    "" where it is today's at every budget."""
+    differ: dict[tuple, list[str]] = {}  # (what differs, as words) -> budgets
+    for b in settings["budgets"]:
+        ran, today = effective_rule(settings, b), _today(b)
+        words = tuple(f"{name} {ran[key]}" for key, name in (("window", "window"), ("page_size", "page"))
+                      if ran[key] != today[key])
+        if words:
+            differ.setdefault(words, []).append(str(b))
+    return "".join(f"; {' and '.join(words)} at budget{'s' if len(budgets) > 1 else ''} {' / '.join(budgets)}"
+                   for words, budgets in differ.items())
+
+
 def _command(result: dict) -> str:
     s = result["settings"]
     indexes = s.get("indexes") or list(dict.fromkeys(r["method"] for r in result["records"] if r["method"] != FULL))
@@ -445,9 +459,7 @@ def suite_readme_block(results: list[dict], methods: tuple[str, ...] | None = No
             shares = "; ".join(f"{m} " + " / ".join(f"{kept[(m, b)]:.2f}" if (m, b) in kept else "-" for b in budgets)
                                for m in shown if any((m, b) in kept for b in budgets))
             model = result["settings"].get("model", "smollm2-135m")
-            ran = {str(b): effective_rule(result["settings"], b) for b in result["settings"]["budgets"]}
-            rule = "" if all(ran[str(b)] == _today(b) for b in result["settings"]["budgets"]) else \
-                f"; {describe_rules(ran)}"  # a rule other than today's default is named
+            rule = _rule_words(result["settings"])
             lines.append(f"- {model}, ~{context} tokens, {len({_question(r) for r in records})} questions "
                          f"({', '.join(result['settings']['kinds'])}; prose {', '.join(_prose(result['settings']))}; "
                          f"full KV answers "
