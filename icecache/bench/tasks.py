@@ -225,7 +225,8 @@ def join_budgets(results: list[dict]) -> dict:
         raise ValueError("the runs to join must ask the same questions with the same full-KV answers")
     settings = {**first, "budgets": sorted(taken), "runtime_options": dict(CLI_DEFAULTS), "model": model(first),
                 "rules": {str(b): {k: v for k, v in today(b).items() if k != "select_every"} for b in sorted(taken)},
-                "indexes": list(dict.fromkeys(i for r in results for i in r["settings"].get("indexes") or []))}
+                "indexes": list(dict.fromkeys(i for r in results for i in r["settings"].get("indexes") or []
+                                              if any(rec["method"] == i for rec in records)))}
     return {**results[0], "settings": settings, "records": records, "summary": summarize(records),
             "joined": [{"environment": r.get("environment"), "runtime_options": _rule(r["settings"]),
                         "budgets": sorted(b for b, j in taken.items() if j == i), "merged": r.get("merged")}
