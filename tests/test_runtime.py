@@ -119,6 +119,10 @@ def test_budget_rule_errors_name_the_argument():
     assert Budget(64).page_size == 8 and Budget(64).max_pages == 4 and Budget(64, page_size=16).max_pages == 2
     assert Budget(127).page_size == 8 and Budget(128).page_size == 16 and Budget(64, 4).page_size == 4
     assert icecache.IceRuntime(index="exact", budget=64).budget.window == 16
+    # an index paging otherwise than the budget is refused (pages are copied slot for slot into the tier)
+    with pytest.raises(ValueError, match=r"index's page_size \(4\) must equal the budget's page_size \(8\)"):
+        SparseLayer(icecache.get_index("window", head_dim=8, page_size=4), Budget(64, 8), 2, 8, torch.float32,
+                    torch.device("cpu"))
     # what each budget resolves to, as benchmark JSON records it, and in words
     rules = resolved_rules([64, 256])
     assert rules == {"64": {"sink": 16, "window": 16, "page_size": 8}, "256": {"sink": 16, "window": 32, "page_size": 16}}

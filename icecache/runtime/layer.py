@@ -80,6 +80,9 @@ class SparseLayer:
                  device: torch.device, kernel: AttentionKernel = paged_decode_attention_reference,
                  profile: bool = False, leader: "SparseLayer | None" = None, prefetch: bool = True,
                  compiled: bool = True) -> None:
+        if index.page_size != budget.page_size:  # pages are copied slot for slot between index and device tier
+            raise ValueError(f"the index's page_size ({index.page_size}) must equal the budget's page_size "
+                             f"({budget.page_size}); build the index with page_size=budget.page_size")
         self.index, self.budget, self.kernel, self.profile = index, budget, kernel, profile
         from ..kernels import paged_decode_attention
 
