@@ -312,7 +312,7 @@ def test_added_rows_and_relabelled_defaults_keep_the_questions_paired(tmp_path):
     with pytest.raises(ValueError, match="merge rows"):
         relabel(add_rows(base, variant), {"tree:span_reach=16": "tree"})
     other_rule = run("exact", [128], [True, True])
-    other_rule["settings"]["runtime_options"] = {**other_rule["settings"]["runtime_options"], "page_size": 8}
+    other_rule["settings"]["runtime_options"] = {**other_rule["settings"]["runtime_options"], "page_size": 4}
     with pytest.raises(ValueError, match="budget rules"):
         add_rows(base, other_rule)
     # the same through the module's command line, each written file carrying a note of how it came together
