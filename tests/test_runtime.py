@@ -114,10 +114,10 @@ def test_budget_rule_errors_name_the_argument():
         Budget(64.0, 16, 16, 32)
     # the window follows the budget unless given: 16 under 128 tokens (a second page at 64), else 32
     assert Budget(64).window == 16 and Budget(64, 16).max_pages == 2 and Budget(64, 16, window=32).max_pages == 1
-    assert Budget(127).window == 16 and Budget(128).window == 32 and Budget(256).max_pages == 13
-    # so does the page size: 8 under 128 tokens (four retrieved pages at 64), else 16
+    assert Budget(127).window == 16 and Budget(128).window == 32 and Budget(256).max_pages == 26
+    # pages hold 8 tokens unless told (four retrieved pages at 64)
     assert Budget(64).page_size == 8 and Budget(64).max_pages == 4 and Budget(64, page_size=16).max_pages == 2
-    assert Budget(127).page_size == 8 and Budget(128).page_size == 16 and Budget(64, 4).page_size == 4
+    assert Budget(128).page_size == Budget(256).page_size == 8 and Budget(64, 4).page_size == 4
     assert icecache.IceRuntime(index="exact", budget=64).budget.window == 16
     # an index paging otherwise than the budget is refused (pages are copied slot for slot into the tier)
     with pytest.raises(ValueError, match=r"index's page_size \(4\) must equal the budget's page_size \(8\)"):
@@ -125,8 +125,8 @@ def test_budget_rule_errors_name_the_argument():
                     torch.device("cpu"))
     # what each budget resolves to, as benchmark JSON records it, and in words
     rules = resolved_rules([64, 256])
-    assert rules == {"64": {"sink": 16, "window": 16, "page_size": 8}, "256": {"sink": 16, "window": 32, "page_size": 16}}
-    assert describe_rules(rules) == "window 16 and page 8 at budget 64, window 32 and page 16 at budget 256"
+    assert rules == {"64": {"sink": 16, "window": 16, "page_size": 8}, "256": {"sink": 16, "window": 32, "page_size": 8}}
+    assert describe_rules(rules) == "window 16 and page 8 at budget 64, window 32 and page 8 at budget 256"
     assert describe_rules(resolved_rules([128, 256], window=24, page_size=8)) == "window 24, page 8"
     with pytest.raises(ValueError, match="budget"):
         icecache.IceRuntime(index="exact", budget=24)

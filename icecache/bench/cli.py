@@ -178,7 +178,7 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     recall.add_argument("--window", type=int, default=None,
                         help="most recent tokens always attended (budget rule; default 32, 16 under budget 128)")
     recall.add_argument("--page-size", type=int, default=None,
-                        help="tokens per KV page (budget rule; default 16, 8 under budget 128)")
+                        help="tokens per KV page (budget rule; default 8)")
     recall.add_argument("--out", default="results", help="output folder")
     _add_model_option(recall)
     recall.set_defaults(run=_recall, parser=recall, check=lambda a: check_rows(
@@ -204,7 +204,7 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     tasks.add_argument("--window", type=int, default=None,
                        help="most recent tokens always attended (budget rule; default 32, 16 under budget 128)")
     tasks.add_argument("--page-size", type=int, default=None,
-                       help="tokens per KV page (budget rule; default 16, 8 under budget 128)")
+                       help="tokens per KV page (budget rule; default 8)")
     tasks.add_argument("--out", default="results")
     _add_model_option(tasks)
     tasks.set_defaults(run=_tasks, parser=tasks, check=lambda a: check_rows(
@@ -221,7 +221,7 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     latency.add_argument("--select-every", type=int, default=1,
                          help="layers sharing one page selection (IceCache(r) layer reuse)")
     latency.add_argument("--page-size", type=int, default=None,
-                         help="tokens per KV page (budget rule; default 16, 8 under budget 128)")
+                         help="tokens per KV page (budget rule; default 8)")
     _add_model_option(latency, extra=("random-smollm2-135m", "random-llama-8b"))
     latency.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     latency.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])

@@ -70,8 +70,8 @@ class IceRuntime:
         index: registered index name (see `icecache.available_indexes()`), or a spec with options,
             `"tree:span_reach=8"` (`icecache.parse_index_spec`; its options join `index_options`).
         budget: tokens per KV head per decode step (sink + window + retrieved pages).
-        page_size: tokens per KV page; None (default): 16, or 8 for budgets under 128 (`default_page_size`:
-            at budget 64 four smaller retrieved pages kept more answers than two).
+        page_size: tokens per KV page; None (default): 8 (`default_page_size`: finer pages kept more task
+            answers than 16 at budgets 64-256, for a slower search).
         sink: first tokens always attended.
         window: most recent tokens always attended; None (default): 32, or 16 for budgets under 128
             (`default_window`: at budget 64 a second retrieved page kept more answers).
