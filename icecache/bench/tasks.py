@@ -165,7 +165,7 @@ def merge_runs(results: list[dict]) -> dict:
 
 def _rules_of(runtime_options: dict, budgets) -> dict:
     """The rule each budget resolved to (`resolved_rules`) under a run's runtime options."""
-    rule = {**RULE_DEFAULTS, **CLI_DEFAULTS, **runtime_options}
+    rule = {**CLI_DEFAULTS, **runtime_options}  # CLI_DEFAULTS holds every RULE_DEFAULTS key
     return resolved_rules(budgets, sink=rule["sink"], window=rule["window"], page_size=rule["page_size"])
 
 
