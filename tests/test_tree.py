@@ -520,3 +520,45 @@ def test_span_runs_store_every_token_once(seed, n, span_pages, lead, page_size):
     index.insert(torch.randn(2, 5, 8, generator=g))
     pages = index.search(torch.randn(2, 2, 8, generator=g), 3)
     assert pages.shape == (2, 3)
+
+
+@given(seed=st.integers(0, 1000), n=st.integers(0, 300), inserts=st.lists(st.integers(1, 30), max_size=5),
+       page_size=st.sampled_from([4, 8]))
+def test_every_stored_position_maps_to_the_page_holding_it(seed, n, inserts, page_size):
+    g = torch.Generator().manual_seed(seed)
+    index = icecache.get_index("tree", head_dim=8, page_size=page_size)
+    index.build(torch.randn(2, n, 8, generator=g), BuildContext(torch.randn(2, 5, 8, generator=g)))
+    for m in inserts:  # routed tokens and split leaves move the map too
+        index.insert(torch.randn(2, m, 8, generator=g))
+    table = index.page_table
+    for h in range(2):
+        expected = torch.full((index.num_tokens,), -1)
+        held = table[h] >= 0
+        expected[table[h][held]] = torch.arange(table.shape[1]).unsqueeze(1).expand_as(table[h])[held]
+        assert (expected >= 0).all()  # every stored position sits in exactly one page
+        assert torch.equal(index._token_page[h, : index.num_tokens], expected)
+        assert (index._token_page[h, index.num_tokens :] == -1).all()
+
+
+def test_follow_copy_rescores_the_page_after_the_previous_steps_first_page():
+    """A copy step needs the token after the one the previous step read most: with one candidate page (the
+    best centroid), the tree finds it only by following; `follow_copy` makes its page a candidate."""
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(1, 200, 8, generator=g)
+    options = dict(candidate_factor=1, min_candidates=1, bound_candidates=0, peak_pages=1)
+    plain = icecache.get_index("tree", head_dim=8, page_size=4, **options)
+    follow = icecache.get_index("tree", head_dim=8, page_size=4, follow_copy=True, **options)
+    plain.build(keys)
+    follow.build(keys)
+    page_of = plain._token_page[0]
+    context = SearchContext(scale=1.0)
+    found = 0
+    for t in range(1, 200):
+        ask = lambda index, pos: int(index.search(4 * keys[:, pos].unsqueeze(1), 1, context)[0, 0])
+        if (keys[0] @ keys[0, t]).argmax() != t or ask(plain, t - 1) != page_of[t - 1] or ask(plain, t) == page_of[t]:
+            continue  # wanted: t is the step's most probable token, the previous step finds its own page, and
+            # this step misses t's page without following
+        assert ask(follow, t - 1) == page_of[t - 1]
+        assert ask(follow, t) == page_of[t]
+        found += 1
+    assert found >= 3  # the situation the option exists for, several times over

@@ -176,7 +176,7 @@ def augment_keys(keys: np.ndarray, max_norm: float) -> np.ndarray:
 
 
 @numba.njit(cache=True, fastmath=_FAST)
-def insert_tokens(new_keys, start, table, fill, sums, centroids, page_keys, n_pages, changed, nodes):
+def insert_tokens(new_keys, start, table, fill, sums, centroids, page_keys, n_pages, changed, nodes, token_page):
     """Route new tokens (augmented rows `new_keys` `[kv, m, d + 1]`, positions `start .. start + m - 1`)
     into the nearest leaf of each head; a full leaf splits in two by balanced 2-means (one half keeps the
     page, the other opens page `n_pages[h]`). Keeps `centroids` `[kv, d, cap]` and `page_keys`
@@ -184,7 +184,8 @@ def insert_tokens(new_keys, start, table, fill, sums, centroids, page_keys, n_pa
     running `sums` `[kv, cap, d + 1]` route tokens and give the bfloat16 centroids),
     and marks touched pages in `changed` `[kv, capacity]`. The node hierarchy `nodes` (`_tree_nodes`)
     follows: the leaf's stats are recomputed, its ancestors count the key, and a split's new leaf joins the
-    old leaf's parent. Capacity must already fit `n_pages + m` pages."""
+    old leaf's parent. `token_page` `[kv, token_cap]` keeps each position's page (-1 for none). Capacity
+    must already fit `n_pages + m` pages and `start + m` positions."""
     node_parent, first_child, next_sibling, node_page, page_node, nsums, counts, centers, radii, n_nodes = nodes
     kv_heads, _, page_size = table.shape
     dim = new_keys.shape[2]
@@ -216,6 +217,7 @@ def insert_tokens(new_keys, start, table, fill, sums, centroids, page_keys, n_pa
                         table[h, best, s] = pos
                         page_keys[h, best, s] = point
                         break
+                token_page[h, pos] = best
                 fill[h, best] += 1
                 sums[h, best] += point
                 _refresh_centroid(sums, fill, centroids, h, best, head_dim)
@@ -245,6 +247,7 @@ def insert_tokens(new_keys, start, table, fill, sums, centroids, page_keys, n_pa
                 page = best if r < half else new
                 slot = r if r < half else r - half
                 table[h, page, slot] = members[order[r]]
+                token_page[h, members[order[r]]] = page
                 page_keys[h, page, slot] = sub[order[r]]
                 sums[h, page] += sub[order[r]]
             fill[h, best] = half
@@ -458,7 +461,7 @@ def _best_of_group_and_bound(partial, norms, radii, page_node, fill, n_pages, sc
 
 @numba.njit(cache=True, fastmath=_FAST)
 def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages, scale, resident_lse, pinned,
-                 page_node, radii, n_bound, peak_pages):
+                 page_node, radii, n_bound, peak_pages, follow):
     """The tree's search for every KV head in one compiled pass (`TreeIndex._search`).
 
     queries `[kv, g, d]`; centroids `[kv, d, cap]` (bfloat16 bits); fill `[kv, cap]` (a page's tokens sit
@@ -470,7 +473,8 @@ def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages
     over the candidates' tokens plus the resident tokens, whose log-sum-exp `resident_lse` `[kv, g]` the
     runtime gives, -inf for none), and returns the `min(max_pages, n_cand)` candidates holding the most
     attention mass, best first (after the `peak_pages` holding the most probable single tokens, see
-    `_rescore`), `[kv, k]` int64. Empty pages rank last. Inner loops run along contiguous memory (pages in
+    `_rescore`), `[kv, k]` int64. Empty pages rank last. Pages in `follow` `[kv, f]` (-1 for none) are
+    candidates too, like the pinned ones. Inner loops run along contiguous memory (pages in
     step 1, a key's dimensions in step 2, candidate tokens in step 3), so they vectorise.
     """
     kv_heads, group, dim = queries.shape
@@ -513,6 +517,10 @@ def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages
             _best_of_group(partial, fill[h], n_pages, -np.inf, score)
         for p in range(min(pinned, n_pages)):  # always candidates, whatever their centroid says
             if fill[h, p] > 0:
+                score[p] = np.inf
+        for i in range(follow.shape[1]):
+            p = follow[h, i]
+            if p >= 0 and p < n_pages and fill[h, p] > 0:
                 score[p] = np.inf
         cand[:n_centroid] = _top_indices(score, n_centroid)  # unordered: the rescoring ranks them
         if n_bound > 0:

@@ -61,6 +61,7 @@ class _HostArrays(NamedTuple):
     building them at every decode step and layer cost more than some of the kernels' work)."""
 
     table: np.ndarray  # [kv, cap, page_size] int64
+    token_page: np.ndarray  # [kv, token_cap] int64: each local position's page, -1 past the last
     fill: np.ndarray  # [kv, cap] int64
     sums: np.ndarray  # [kv, cap, d + 1] float32
     centroid_bits: np.ndarray  # [kv, d, cap] int16 (bfloat16 bits)
@@ -119,6 +120,7 @@ class TreeOptions(IndexOptions):
     span_lead: int = 0
     span_reach: int | None = None
     peak_pages: int = 1
+    follow_copy: bool = False
     hot_layout: str = "profile"
 
     def check(self) -> None:
@@ -139,6 +141,7 @@ class TreeOptions(IndexOptions):
         self.require_int("span_lead", 0)
         self.require_int("span_reach", 0, allow_none=True)
         self.require_int("peak_pages", 0)
+        self.require_choice("follow_copy", (False, True))
         self.require_choice("hot_layout", ("profile", "spans"))
 
 
@@ -208,6 +211,12 @@ class TreeIndex(TokenIndex):
             it keeps a copy going (pass keys, two-hop), and can pick another needle's value (multi-key).
             The peak is the best query head's, not the group's sum (2 of 10 replayed questions answered
             with the sum, 5 with the max, benchmarks/RESULTS.md).
+        follow_copy: the pages holding the successors (position + 1) of the tokens of the page the previous
+            search selected first are candidates too (`search="scan"` only). A model copying a number
+            reads its tokens in order: the token after the one a step attends to most is the one the next
+            step needs, and a semantic layout can put it in a page whose centroid ranks outside the
+            candidates (SmolLM2, 4k: `21983736` for `2198564` at budgets 128 and 256, answered when every
+            page is rescored). Default False (benchmarks/RESULTS.md).
         hot_layout: "profile" (default): the first hot tier groups the hottest tokens by which prefill
             queries attend them. "spans": it becomes `hot_pages` more span pages instead (measured on
             Gemma 3, which spells numbers one digit per token, benchmarks/LONG_CONTEXT.md).
@@ -264,6 +273,12 @@ class TreeIndex(TokenIndex):
                         self._page_keys.numpy(), self._nodes)
         # a head with fewer span pages also rescores the first pages after its first tier: a few candidates more
         self._pinned = span_pages + first_tier if self.options.rescore_hot_tier else 0
+        self._token_page = torch.full((kv_heads, n + n // 16 + 64), -1, dtype=torch.long)
+        for h in range(kv_heads):
+            table = self._table[h, : int(self._pages[h])]
+            held = table >= 0
+            self._token_page[h, table[held]] = torch.arange(table.shape[0]).unsqueeze(1).expand_as(table)[held]
+        self._follow_from = None  # the page the last search selected first, per head (`follow_copy`)
 
     def _alloc_nodes(self, kv_heads: int, page_cap: int, d: int) -> None:
         """The node hierarchy (`_tree_nodes`): a root, one subtree per layout group, leaves = pages."""
@@ -372,10 +387,17 @@ class TreeIndex(TokenIndex):
         for new, kept in zip(self._nodes, old):
             new[tuple(slice(0, n) for n in kept.shape)] = kept
 
+    def _ensure_token_capacity(self, tokens: int) -> None:
+        cap = self._token_page.shape[1]
+        if tokens > cap:
+            grow = max(tokens, cap + cap // 8) - cap
+            self._token_page = torch.cat([self._token_page, self._token_page.new_full((self.kv_heads, grow), -1)], 1)
+            self._views = None
+
     def _arrays(self) -> _HostArrays:
         if self._views is None:
-            self._views = _HostArrays(self._table.numpy(), self._fill.numpy(), self._sums.numpy(), _bits(self._cent),
-                                      self._page_keys.numpy())
+            self._views = _HostArrays(self._table.numpy(), self._token_page.numpy(), self._fill.numpy(),
+                                      self._sums.numpy(), _bits(self._cent), self._page_keys.numpy())
         return self._views
 
     def __getstate__(self) -> dict:
@@ -387,10 +409,11 @@ class TreeIndex(TokenIndex):
     def _insert(self, keys: torch.Tensor, start: int) -> torch.Tensor:
         new_keys = augment_keys(np.ascontiguousarray(keys.detach().float().cpu().numpy()), self.max_norm)
         self._ensure_capacity(self.num_pages + keys.shape[1])
+        self._ensure_token_capacity(start + keys.shape[1])
         a = self._arrays()
         changed = np.zeros(a.fill.shape, dtype=np.bool_)
         insert_tokens(new_keys, start, a.table, a.fill, a.sums, a.centroid_bits, a.page_keys, self._pages, changed,
-                      self._nodes)
+                      self._nodes, a.token_page)
         return torch.from_numpy(np.flatnonzero(changed.any(0)))
 
     # -- search ----------------------------------------------------------------------------------
@@ -426,6 +449,8 @@ class TreeIndex(TokenIndex):
         else:
             lse = np.ascontiguousarray(resident_lse.detach().float().cpu().numpy())
         arrays = self._arrays()
+        follow = self._follow_pages(arrays)
+        n_cand = min(pages, n_cand + follow.shape[1])
         if self.options.search == "descent":
             best, self._last_scored = search_pages_descent(q, self._nodes, arrays.fill, arrays.page_keys, pages,
                                                            n_cand, max_pages, scale, lse, self._pinned,
@@ -433,10 +458,22 @@ class TreeIndex(TokenIndex):
         else:
             best = search_pages(q, arrays.centroid_bits, arrays.fill, arrays.page_keys, pages,
                                 n_cand, max_pages, scale, lse, self._pinned, self._nodes.page_node,
-                                self._nodes.radii, n_bound, self.options.peak_pages)
+                                self._nodes.radii, n_bound, self.options.peak_pages, follow)
             self._last_scored = self.kv_heads * pages
+        if self.options.follow_copy:
+            self._follow_from = best[:, 0].copy()
         self._last_rescored = n_cand * self.page_size
         return torch.from_numpy(best).to(queries.device)
+
+    def _follow_pages(self, arrays: _HostArrays) -> np.ndarray:
+        """`[kv, page_size]` pages (-1 for none) holding the successors of the tokens of the page the previous
+        search selected first (`follow_copy`; `[kv, 0]` when off or before the first search)."""
+        if not self.options.follow_copy or self._follow_from is None or self.options.search != "scan":
+            return np.empty((self.kv_heads, 0), np.int64)
+        heads = np.arange(self.kv_heads)
+        after = arrays.table[heads, self._follow_from] + 1  # [kv, page_size]; empty slots (-1) become 0
+        valid = (after > 0) & (after < self.num_tokens)
+        return np.where(valid, arrays.token_page[heads[:, None], np.where(valid, after, 0)], -1)
 
     @property
     def num_nodes(self) -> int:
