@@ -305,6 +305,9 @@ def test_added_rows_and_relabelled_defaults_keep_the_questions_paired(tmp_path):
     # the README line shows the old default's rows beside today's until today's cover every budget
     assert readme_methods(adopted) == ("tree", "tree:span_reach=8", "exact") and readme_methods(base) == ("tree", "exact")
     assert "tree 0.50 / 1.00; tree:span_reach=8 - / 0.50" in suite_readme_block([adopted])
+    # a second default change renames both earlier defaults' rows; the line follows them, newest first
+    again = relabel(adopted, {"tree": "tree:follow_copy=False", "tree:span_reach=8": "tree:span_reach=8,follow_copy=False"})
+    assert readme_methods(again) == ("tree", "tree:follow_copy=False", "tree:span_reach=8,follow_copy=False", "exact")
     with pytest.raises(ValueError, match="already has rows"):
         add_rows(base, run("tree", [128], [True, True]))
     with pytest.raises(ValueError, match="full-KV answers"):

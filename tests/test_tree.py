@@ -474,7 +474,9 @@ def test_descent_search_returns_the_scan_search_pages(n):
         index = icecache.get_index("tree", head_dim=8, page_size=4, search=mode, bound_candidates=0)
         index.build(keys, BuildContext(build_q))
         index.insert(torch.randn(3, 9, 8, generator=torch.Generator().manual_seed(1)))
-        results.append(index.search(torch.randn(3, 3, 8, generator=torch.Generator().manual_seed(2)), 5))
+        queries = torch.randn(2, 3, 3, 8, generator=torch.Generator().manual_seed(2))
+        # two steps: the second also rescores the pages after the first's first page (`follow_copy`)
+        results.append(torch.stack([index.search(queries[0], 5), index.search(queries[1], 5)]))
     # the same candidates (the scan ranks bfloat16 centroids, so near ties could differ; these seeds have
     # none), hence the same pages, whether the candidates hold every page (n=50) or not (n=700)
     assert torch.equal(results[0], results[1])
@@ -540,14 +542,15 @@ def test_every_stored_position_maps_to_the_page_holding_it(seed, n, inserts, pag
         assert (index._token_page[h, index.num_tokens :] == -1).all()
 
 
-def test_follow_copy_rescores_the_page_after_the_previous_steps_first_page():
+@pytest.mark.parametrize("search", ["scan", "descent"])
+def test_follow_copy_rescores_the_page_after_the_previous_steps_first_page(search):
     """A copy step needs the token after the one the previous step read most: with one candidate page (the
     best centroid), the tree finds it only by following; `follow_copy` makes its page a candidate."""
     g = torch.Generator().manual_seed(3)
     keys = torch.randn(1, 200, 8, generator=g)
-    options = dict(candidate_factor=1, min_candidates=1, bound_candidates=0, peak_pages=1)
-    plain = icecache.get_index("tree", head_dim=8, page_size=4, **options)
-    follow = icecache.get_index("tree", head_dim=8, page_size=4, follow_copy=True, **options)
+    options = dict(candidate_factor=1, min_candidates=1, bound_candidates=0, peak_pages=1, search=search)
+    plain = icecache.get_index("tree", head_dim=8, page_size=4, follow_copy=False, **options)
+    follow = icecache.get_index("tree", head_dim=8, page_size=4, **options)  # the default
     plain.build(keys)
     follow.build(keys)
     page_of = plain._token_page[0]

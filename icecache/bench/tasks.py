@@ -436,9 +436,14 @@ ORACLE = "exact"
 def readme_methods(result: dict) -> tuple[str, ...]:
     """The methods a run's README line shows: the default index, the names its rows from earlier defaults
     were given (`relabel`: where the run has not measured today's default at every budget yet, they stand
-    beside it), and the token-order oracle."""
-    earlier = [new for note in result.get("relabelled", []) for old, new in note["names"].items()
-               if old == DEFAULT_INDEX]
+    beside it; an earlier default renamed again by a later relabel shows under its latest name, newest
+    default first), and the token-order oracle."""
+    earlier: list[str] = []
+    for note in result.get("relabelled", []):
+        names = note["names"]
+        earlier = [names.get(name, name) for name in earlier]
+        if DEFAULT_INDEX in names:
+            earlier.insert(0, names[DEFAULT_INDEX])
     return (DEFAULT_INDEX, *dict.fromkeys(earlier), ORACLE)
 
 

@@ -534,11 +534,12 @@ def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages
 
 @numba.njit(cache=True)
 def search_pages_descent(queries, nodes, fill, page_keys, n_pages, n_cand, max_pages, scale, resident_lse, pinned,
-                         peak_pages):
+                         peak_pages, follow):
     """`search_pages` with the candidates found by a best-first descent of the node hierarchy
     (`_tree_nodes.descend`: the same top-`n_cand` leaves by centroid score, found without scoring the
-    subtrees whose bound cannot reach them) instead of a scan of every leaf. Returns the pages `[kv, k]`
-    and the number of nodes scored, summed over the heads."""
+    subtrees whose bound cannot reach them) instead of a scan of every leaf; the pinned pages and the pages
+    in `follow` `[kv, f]` (-1 for none) come first. Returns the pages `[kv, k]` and the number of nodes
+    scored, summed over the heads."""
     node_parent, first_child, next_sibling, node_page, page_node, nsums, counts, centers, radii, n_nodes = nodes
     kv_heads, group, dim = queries.shape
     page_size = page_keys.shape[2]
@@ -553,15 +554,23 @@ def search_pages_descent(queries, nodes, fill, page_keys, n_pages, n_cand, max_p
     top = np.empty(group, np.float32)
     mass = np.empty(n_cand, np.float64)
     peak = np.empty(n_cand, np.float32)
+    taken = np.zeros(n_pages, np.bool_)
     scored_total = 0
     for h in range(kv_heads):
         q = queries[h]
-        # the pinned pages first, then the descent's best leaves (ids below `pinned` are already in),
-        # as the scan ranks them
+        # the pinned and followed pages first, then the descent's best leaves not already in, as the scan
+        # ranks them
         found = 0
         for p in range(min(pinned, n_pages, n_cand)):
             if fill[h, p] > 0:
                 cand[found] = p
+                taken[p] = True
+                found += 1
+        for i in range(follow.shape[1]):
+            p = follow[h, i]
+            if found < n_cand and p >= 0 and p < n_pages and fill[h, p] > 0 and not taken[p]:
+                cand[found] = p
+                taken[p] = True
                 found += 1
         leaves, scored = descend(q, h, n_cand, first_child, next_sibling, node_page, counts, centers, radii,
                                  n_nodes, ranked, heap_keys, heap_items)
@@ -569,9 +578,12 @@ def search_pages_descent(queries, nodes, fill, page_keys, n_pages, n_cand, max_p
         for i in range(leaves):
             if found == n_cand:
                 break
-            if ranked[i] >= pinned:
+            if not taken[ranked[i]]:
                 cand[found] = ranked[i]
+                taken[ranked[i]] = True
                 found += 1
+        for i in range(found):
+            taken[cand[i]] = False
         p = 0
         while found < n_cand and p < n_pages:  # a head with fewer pages: pad with empty ones, as the scan
             if fill[h, p] == 0:
