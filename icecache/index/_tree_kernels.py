@@ -459,9 +459,25 @@ def _best_of_group_and_bound(partial, norms, radii, page_node, fill, n_pages, sc
         bound[p] = reach if full else _LOWEST
 
 
+@numba.njit(cache=True)
+def _followed_pages(table, token_page, h, page, out):
+    """Writes into `out` `[page_size]` the pages holding the successors (position + 1) of the tokens of
+    `page` of KV head `h` (-1 where a slot is empty, the successor is not indexed yet, or `page` is -1):
+    `follow_copy`. In the compiled search: as numpy ops on every layer's cold arrays it cost 48 us per
+    layer and step at 8k, an eighth of the search."""
+    out[:] = -1
+    if page < 0:
+        return
+    last = token_page.shape[1]
+    for s in range(table.shape[2]):
+        t = table[h, page, s]
+        if t >= 0 and t + 1 < last:
+            out[s] = token_page[h, t + 1]  # -1 past the last indexed token
+
+
 @numba.njit(cache=True, fastmath=_FAST)
 def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages, scale, resident_lse, pinned,
-                 page_node, radii, n_bound, peak_pages, follow):
+                 page_node, radii, n_bound, peak_pages, table, token_page, follow_from):
     """The tree's search for every KV head in one compiled pass (`TreeIndex._search`).
 
     queries `[kv, g, d]`; centroids `[kv, d, cap]` (bfloat16 bits); fill `[kv, cap]` (a page's tokens sit
@@ -473,8 +489,9 @@ def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages
     over the candidates' tokens plus the resident tokens, whose log-sum-exp `resident_lse` `[kv, g]` the
     runtime gives, -inf for none), and returns the `min(max_pages, n_cand)` candidates holding the most
     attention mass, best first (after the `peak_pages` holding the most probable single tokens, see
-    `_rescore`), `[kv, k]` int64. Empty pages rank last. Pages in `follow` `[kv, f]` (-1 for none) are
-    candidates too, like the pinned ones. Inner loops run along contiguous memory (pages in
+    `_rescore`), `[kv, k]` int64. Empty pages rank last. The pages holding the successors of the tokens of
+    page `follow_from[h]` (`[kv]`, -1 for none; `table` `[kv, cap, page_size]`, `token_page` `[kv, tokens]`)
+    are candidates too, like the pinned ones. Inner loops run along contiguous memory (pages in
     step 1, a key's dimensions in step 2, candidate tokens in step 3), so they vectorise.
     """
     kv_heads, group, dim = queries.shape
@@ -493,6 +510,7 @@ def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages
     peak = np.empty(n_cand, np.float32)
     n_centroid = n_cand - n_bound
     cand = np.empty(n_cand, np.int64)
+    follow = np.empty(page_size, np.int64)
     for h in range(kv_heads):
         q = queries[h]
         # 1) centroid score of every leaf, max over the group's query heads
@@ -518,8 +536,8 @@ def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages
         for p in range(min(pinned, n_pages)):  # always candidates, whatever their centroid says
             if fill[h, p] > 0:
                 score[p] = np.inf
-        for i in range(follow.shape[1]):
-            p = follow[h, i]
+        _followed_pages(table, token_page, h, follow_from[h], follow)
+        for p in follow:
             if p >= 0 and p < n_pages and fill[h, p] > 0:
                 score[p] = np.inf
         cand[:n_centroid] = _top_indices(score, n_centroid)  # unordered: the rescoring ranks them
@@ -534,11 +552,11 @@ def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages
 
 @numba.njit(cache=True)
 def search_pages_descent(queries, nodes, fill, page_keys, n_pages, n_cand, max_pages, scale, resident_lse, pinned,
-                         peak_pages, follow):
+                         peak_pages, table, token_page, follow_from):
     """`search_pages` with the candidates found by a best-first descent of the node hierarchy
     (`_tree_nodes.descend`: the same top-`n_cand` leaves by centroid score, found without scoring the
-    subtrees whose bound cannot reach them) instead of a scan of every leaf; the pinned pages and the pages
-    in `follow` `[kv, f]` (-1 for none) come first. Returns the pages `[kv, k]` and the number of nodes
+    subtrees whose bound cannot reach them) instead of a scan of every leaf; the pinned pages and the
+    followed pages (`follow_from`, as in `search_pages`) come first. Returns the pages `[kv, k]` and the number of nodes
     scored, summed over the heads."""
     node_parent, first_child, next_sibling, node_page, page_node, nsums, counts, centers, radii, n_nodes = nodes
     kv_heads, group, dim = queries.shape
@@ -555,6 +573,7 @@ def search_pages_descent(queries, nodes, fill, page_keys, n_pages, n_cand, max_p
     mass = np.empty(n_cand, np.float64)
     peak = np.empty(n_cand, np.float32)
     taken = np.zeros(n_pages, np.bool_)
+    follow = np.empty(page_size, np.int64)
     scored_total = 0
     for h in range(kv_heads):
         q = queries[h]
@@ -566,8 +585,8 @@ def search_pages_descent(queries, nodes, fill, page_keys, n_pages, n_cand, max_p
                 cand[found] = p
                 taken[p] = True
                 found += 1
-        for i in range(follow.shape[1]):
-            p = follow[h, i]
+        _followed_pages(table, token_page, h, follow_from[h], follow)
+        for p in follow:
             if found < n_cand and p >= 0 and p < n_pages and fill[h, p] > 0 and not taken[p]:
                 cand[found] = p
                 taken[p] = True

@@ -454,31 +454,25 @@ class TreeIndex(TokenIndex):
         else:
             lse = np.ascontiguousarray(resident_lse.detach().float().cpu().numpy())
         arrays = self._arrays()
-        follow = self._follow_pages(arrays)
-        n_cand = min(pages, n_cand + follow.shape[1])
+        # `follow_copy`: the pages after the previous search's first page are candidates too (found in the kernel)
+        following = self.options.follow_copy and self._follow_from is not None
+        follow_from = self._follow_from if following else np.full(self.kv_heads, -1, np.int64)
+        n_cand = min(pages, n_cand + (self.page_size if following else 0))
         if self.options.search == "descent":
             best, self._last_scored = search_pages_descent(q, self._nodes, arrays.fill, arrays.page_keys, pages,
                                                            n_cand, max_pages, scale, lse, self._pinned,
-                                                           self.options.peak_pages, follow)
+                                                           self.options.peak_pages, arrays.table, arrays.token_page,
+                                                           follow_from)
         else:
             best = search_pages(q, arrays.centroid_bits, arrays.fill, arrays.page_keys, pages,
                                 n_cand, max_pages, scale, lse, self._pinned, self._nodes.page_node,
-                                self._nodes.radii, n_bound, self.options.peak_pages, follow)
+                                self._nodes.radii, n_bound, self.options.peak_pages, arrays.table,
+                                arrays.token_page, follow_from)
             self._last_scored = self.kv_heads * pages
         if self.options.follow_copy:
             self._follow_from = best[:, 0].copy()
         self._last_rescored = n_cand * self.page_size
         return torch.from_numpy(best).to(queries.device)
-
-    def _follow_pages(self, arrays: _HostArrays) -> np.ndarray:
-        """`[kv, page_size]` pages (-1 for none) holding the successors of the tokens of the page the previous
-        search selected first (`follow_copy`; `[kv, 0]` when off or before the first search)."""
-        if not self.options.follow_copy or self._follow_from is None:
-            return np.empty((self.kv_heads, 0), np.int64)
-        heads = np.arange(self.kv_heads)
-        after = arrays.table[heads, self._follow_from] + 1  # [kv, page_size]; empty slots (-1) become 0
-        valid = (after > 0) & (after < self.num_tokens)
-        return np.where(valid, arrays.token_page[heads[:, None], np.where(valid, after, 0)], -1)
 
     @property
     def num_nodes(self) -> int:
