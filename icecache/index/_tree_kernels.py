@@ -7,6 +7,8 @@ Arrays are float32/int64 numpy views of the index's torch tensors, so nothing is
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -15,6 +17,20 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._tree_nodes import _FAST, add_key_to_ancestors, descend, leaf_stats, open_leaf
+
+
+class TreeArrays(NamedTuple):
+    """numpy views of a `TreeIndex`'s tensors, one argument to the compiled kernels (numba types a NamedTuple
+    of arrays field by field; made once per allocation: building the views at every decode step and layer
+    cost more than some of the kernels' work)."""
+
+    table: np.ndarray  # [kv, cap, page_size] int64: each page's local positions, -1 in empty slots
+    token_page: np.ndarray  # [kv, token_cap] int64: each local position's page, -1 past the last
+    fill: np.ndarray  # [kv, cap] int64: a page's tokens sit in its first `fill` slots
+    sums: np.ndarray  # [kv, cap, d + 1] float32: each page's running sum of augmented keys
+    centroid_bits: np.ndarray  # [kv, d, cap] int16: each page's mean key, bfloat16 bits, column by column
+    page_keys: np.ndarray  # [kv, cap, page_size, d + 1] float32: each page's augmented keys, slot by slot
+
 
 _LLOYD_ITERS = 2
 _POWER_ITERS = 2
@@ -176,16 +192,15 @@ def augment_keys(keys: np.ndarray, max_norm: float) -> np.ndarray:
 
 
 @numba.njit(cache=True, fastmath=_FAST)
-def insert_tokens(new_keys, start, table, fill, sums, centroids, page_keys, n_pages, changed, nodes, token_page):
+def insert_tokens(new_keys, start, arrays, n_pages, changed, nodes):
     """Route new tokens (augmented rows `new_keys` `[kv, m, d + 1]`, positions `start .. start + m - 1`)
     into the nearest leaf of each head; a full leaf splits in two by balanced 2-means (one half keeps the
-    page, the other opens page `n_pages[h]`). Keeps `centroids` `[kv, d, cap]` and `page_keys`
-    `[kv, cap, page_size, d + 1]` (each page's augmented keys, slot by slot) in step with `table` (the
-    running `sums` `[kv, cap, d + 1]` route tokens and give the bfloat16 centroids),
-    and marks touched pages in `changed` `[kv, capacity]`. The node hierarchy `nodes` (`_tree_nodes`)
-    follows: the leaf's stats are recomputed, its ancestors count the key, and a split's new leaf joins the
-    old leaf's parent. `token_page` `[kv, token_cap]` keeps each position's page (-1 for none). Capacity
+    page, the other opens page `n_pages[h]`). Keeps every array of `arrays` (`TreeArrays`) in step with the
+    page table (the running sums route tokens and give the bfloat16 centroids), and marks touched pages in
+    `changed` `[kv, capacity]`. The node hierarchy `nodes` (`_tree_nodes`) follows: the leaf's stats are
+    recomputed, its ancestors count the key, and a split's new leaf joins the old leaf's parent. Capacity
     must already fit `n_pages + m` pages and `start + m` positions."""
+    table, token_page, fill, sums, centroids, page_keys = arrays
     node_parent, first_child, next_sibling, node_page, page_node, nsums, counts, centers, radii, n_nodes = nodes
     kv_heads, _, page_size = table.shape
     dim = new_keys.shape[2]
@@ -476,24 +491,25 @@ def _followed_pages(table, token_page, h, page, out):
 
 
 @numba.njit(cache=True, fastmath=_FAST)
-def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages, scale, resident_lse, pinned,
-                 page_node, radii, n_bound, peak_pages, table, token_page, follow_from):
+def search_pages(queries, arrays, nodes, n_pages, n_cand, max_pages, scale, resident_lse, pinned, n_bound, peak_pages,
+                 follow_from):
     """The tree's search for every KV head in one compiled pass (`TreeIndex._search`).
 
-    queries `[kv, g, d]`; centroids `[kv, d, cap]` (bfloat16 bits); fill `[kv, cap]` (a page's tokens sit
-    in its first `fill` slots); page_keys `[kv, cap, page_size, d + 1]` (each page's augmented keys stored
-    together, so a candidate page is one contiguous read). Ranks the first `n_pages` leaves by
-    `max_g q_g . centroid`, takes the best `n_cand - n_bound` (pages `0 .. pinned - 1` always among them)
-    and the best `n_bound` others by `max_g q_g . c + |q_g| r` (leaf centre and radius from the node
-    hierarchy: `page_node` `[kv, cap]`, `radii` `[kv, nodes]`), rescores their tokens exactly (a softmax per query head
-    over the candidates' tokens plus the resident tokens, whose log-sum-exp `resident_lse` `[kv, g]` the
-    runtime gives, -inf for none), and returns the `min(max_pages, n_cand)` candidates holding the most
-    attention mass, best first (after the `peak_pages` holding the most probable single tokens, see
+    queries `[kv, g, d]`; `arrays` a `TreeArrays` (bfloat16 centroids column by column, each page's augmented
+    keys stored together, so a candidate page is one contiguous read); `nodes` the node hierarchy
+    (`_tree_nodes.TreeNodes`). Ranks the first `n_pages` leaves by `max_g q_g . centroid`, takes the best
+    `n_cand - n_bound` (pages `0 .. pinned - 1` always among them) and the best `n_bound` others by
+    `max_g q_g . c + |q_g| r` (each leaf's centre and radius), rescores their tokens exactly (a softmax per
+    query head over the candidates' tokens plus the resident tokens, whose log-sum-exp `resident_lse`
+    `[kv, g]` the runtime gives, -inf for none), and returns the `min(max_pages, n_cand)` candidates holding
+    the most attention mass, best first (after the `peak_pages` holding the most probable single tokens, see
     `_rescore`), `[kv, k]` int64. Empty pages rank last. The pages holding the successors of the tokens of
-    page `follow_from[h]` (`[kv]`, -1 for none; `table` `[kv, cap, page_size]`, `token_page` `[kv, tokens]`)
-    are candidates too, like the pinned ones. Inner loops run along contiguous memory (pages in
-    step 1, a key's dimensions in step 2, candidate tokens in step 3), so they vectorise.
+    page `follow_from[h]` (`[kv]`, -1 for none) are candidates too, like the pinned ones. Inner loops run
+    along contiguous memory (pages in step 1, a key's dimensions in step 2, candidate tokens in step 3), so
+    they vectorise.
     """
+    table, token_page, fill, _, centroids, page_keys = arrays
+    page_node, radii = nodes.page_node, nodes.radii
     kv_heads, group, dim = queries.shape
     page_size = page_keys.shape[2]
     k = min(max_pages, n_cand)
@@ -551,13 +567,14 @@ def search_pages(queries, centroids, fill, page_keys, n_pages, n_cand, max_pages
 
 
 @numba.njit(cache=True)
-def search_pages_descent(queries, nodes, fill, page_keys, n_pages, n_cand, max_pages, scale, resident_lse, pinned,
-                         peak_pages, table, token_page, follow_from):
+def search_pages_descent(queries, arrays, nodes, n_pages, n_cand, max_pages, scale, resident_lse, pinned, peak_pages,
+                         follow_from):
     """`search_pages` with the candidates found by a best-first descent of the node hierarchy
     (`_tree_nodes.descend`: the same top-`n_cand` leaves by centroid score, found without scoring the
     subtrees whose bound cannot reach them) instead of a scan of every leaf; the pinned pages and the
     followed pages (`follow_from`, as in `search_pages`) come first. Returns the pages `[kv, k]` and the number of nodes
     scored, summed over the heads."""
+    table, token_page, fill, _, _, page_keys = arrays
     node_parent, first_child, next_sibling, node_page, page_node, nsums, counts, centers, radii, n_nodes = nodes
     kv_heads, group, dim = queries.shape
     page_size = page_keys.shape[2]

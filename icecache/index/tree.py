@@ -45,27 +45,14 @@ search cost 0.7 ms per layer at 8k, almost all per-op overhead; compiled it cost
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from ._clustering import balanced_kmeans_groups
-from ._tree_kernels import augment_keys, balanced_order, insert_tokens, search_pages, search_pages_descent
+from ._tree_kernels import TreeArrays, augment_keys, balanced_order, insert_tokens, search_pages, search_pages_descent
 from ._tree_nodes import TreeNodes, build_nodes
 from .base import BuildContext, IndexOptions, SearchContext, TokenIndex, register_index
-
-
-class _HostArrays(NamedTuple):
-    """numpy views of the tree's tensors, as the compiled kernels take them (made once per allocation:
-    building them at every decode step and layer cost more than some of the kernels' work)."""
-
-    table: np.ndarray  # [kv, cap, page_size] int64
-    token_page: np.ndarray  # [kv, token_cap] int64: each local position's page, -1 past the last
-    fill: np.ndarray  # [kv, cap] int64
-    sums: np.ndarray  # [kv, cap, d + 1] float32
-    centroid_bits: np.ndarray  # [kv, d, cap] int16 (bfloat16 bits)
-    page_keys: np.ndarray  # [kv, cap, page_size, d + 1] float32
 
 
 def _bits(values: torch.Tensor) -> np.ndarray:
@@ -399,9 +386,9 @@ class TreeIndex(TokenIndex):
             self._token_page = torch.cat([self._token_page, self._token_page.new_full((self.kv_heads, grow), -1)], 1)
             self._views = None
 
-    def _arrays(self) -> _HostArrays:
+    def _arrays(self) -> TreeArrays:
         if self._views is None:
-            self._views = _HostArrays(self._table.numpy(), self._token_page.numpy(), self._fill.numpy(),
+            self._views = TreeArrays(self._table.numpy(), self._token_page.numpy(), self._fill.numpy(),
                                       self._sums.numpy(), _bits(self._cent), self._page_keys.numpy())
         return self._views
 
@@ -417,8 +404,7 @@ class TreeIndex(TokenIndex):
         self._ensure_token_capacity(start + keys.shape[1])
         a = self._arrays()
         changed = np.zeros(a.fill.shape, dtype=np.bool_)
-        insert_tokens(new_keys, start, a.table, a.fill, a.sums, a.centroid_bits, a.page_keys, self._pages, changed,
-                      self._nodes, a.token_page)
+        insert_tokens(new_keys, start, a, self._pages, changed, self._nodes)
         return torch.from_numpy(np.flatnonzero(changed.any(0)))
 
     # -- search ----------------------------------------------------------------------------------
@@ -459,15 +445,11 @@ class TreeIndex(TokenIndex):
         follow_from = self._follow_from if following else np.full(self.kv_heads, -1, np.int64)
         n_cand = min(pages, n_cand + (self.page_size if following else 0))
         if self.options.search == "descent":
-            best, self._last_scored = search_pages_descent(q, self._nodes, arrays.fill, arrays.page_keys, pages,
-                                                           n_cand, max_pages, scale, lse, self._pinned,
-                                                           self.options.peak_pages, arrays.table, arrays.token_page,
-                                                           follow_from)
+            best, self._last_scored = search_pages_descent(q, arrays, self._nodes, pages, n_cand, max_pages, scale,
+                                                           lse, self._pinned, self.options.peak_pages, follow_from)
         else:
-            best = search_pages(q, arrays.centroid_bits, arrays.fill, arrays.page_keys, pages,
-                                n_cand, max_pages, scale, lse, self._pinned, self._nodes.page_node,
-                                self._nodes.radii, n_bound, self.options.peak_pages, arrays.table,
-                                arrays.token_page, follow_from)
+            best = search_pages(q, arrays, self._nodes, pages, n_cand, max_pages, scale, lse, self._pinned, n_bound,
+                                self.options.peak_pages, follow_from)
             self._last_scored = self.kv_heads * pages
         if self.options.follow_copy:
             self._follow_from = best[:, 0].copy()
