@@ -125,7 +125,8 @@ def latency_section(result: dict) -> str:
                      "-" if r.get("search_ms") is None else f"{r['search_ms']:.1f}",
                      "-" if r.get("transfer_ms") is None else f"{r['transfer_ms']:.1f}",
                      "-" if r.get("attention_ms") is None else f"{r['attention_ms']:.1f}",
-                     f"{r['device_kv_mib']:.1f}", f"{r.get('sparse_layer_kv_ratio', 1.0):.3f}"])
+                     "-" if r.get("device_kv_mib") is None else f"{r['device_kv_mib']:.1f}",  # the floor row: none
+                     "-" if r.get("device_kv_mib") is None else f"{r.get('sparse_layer_kv_ratio', 1.0):.3f}"])
     contexts = " ".join(map(str, s["contexts"]))
     return "\n".join([
         "## Decode latency on the real model", "",
