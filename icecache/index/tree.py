@@ -270,7 +270,8 @@ class TreeIndex(TokenIndex):
             table = self._table[h, : int(self._pages[h])]
             held = table >= 0
             self._token_page[h, table[held]] = torch.arange(table.shape[0]).unsqueeze(1).expand_as(table)[held]
-        self._follow_from = None  # the page the last search selected first, per head (`follow_copy`)
+        # the page the last search selected first, per head (`follow_copy`); -1: none yet, nothing followed
+        self._follow_from = np.full(kv_heads, -1, np.int64)
 
     def _alloc_nodes(self, kv_heads: int, page_cap: int, d: int) -> None:
         """The node hierarchy (`_tree_nodes`): a root, one subtree per layout group, leaves = pages."""
@@ -441,15 +442,14 @@ class TreeIndex(TokenIndex):
             lse = np.ascontiguousarray(resident_lse.detach().float().cpu().numpy())
         arrays = self._arrays()
         # `follow_copy`: the pages after the previous search's first page are candidates too (found in the kernel)
-        following = self.options.follow_copy and self._follow_from is not None
-        follow_from = self._follow_from if following else np.full(self.kv_heads, -1, np.int64)
+        following = bool((self._follow_from >= 0).any())
         n_cand = min(pages, n_cand + (self.page_size if following else 0))
         if self.options.search == "descent":
             best, self._last_scored = search_pages_descent(q, arrays, self._nodes, pages, n_cand, max_pages, scale,
-                                                           lse, self._pinned, self.options.peak_pages, follow_from)
+                                                           lse, self._pinned, self.options.peak_pages, self._follow_from)
         else:
             best = search_pages(q, arrays, self._nodes, pages, n_cand, max_pages, scale, lse, self._pinned, n_bound,
-                                self.options.peak_pages, follow_from)
+                                self.options.peak_pages, self._follow_from)
             self._last_scored = self.kv_heads * pages
         if self.options.follow_copy:
             self._follow_from = best[:, 0].copy()
