@@ -18,7 +18,10 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT_DIR/device.txt
 "$PY" -m icecache bench latency --model random-llama-8b --dtype bfloat16 --contexts 16384 32768 \
     --indexes tree --budget 256 --steps 8 --select-every 3 --out "$OUT_DIR/llama8b_reuse3" \
     | tee "$OUT_DIR/latency_llama8b_reuse3.txt"
-# 5) the long model (Gemma 3 270M: hybrid local/global attention, 1 KV head, head_dim 256): its end-to-end
+# 5) host synchronisations per decode step, by call site, full KV beside every index
+"$PY" -m icecache bench syncs --model random-smollm2-135m --context 4096 --steps 4 --out "$OUT_DIR/syncs" \
+    | tee "$OUT_DIR/syncs.txt"
+# 6) the long model (Gemma 3 270M: hybrid local/global attention, 1 KV head, head_dim 256): its end-to-end
 #    tests, then decode latency at 8k and 32k with real weights
 "$PY" -m pytest -q tests/test_gemma.py tests/test_hybrid.py | tee "$OUT_DIR/test_gemma.txt"
 "$PY" -m icecache bench latency --model gemma3-270m --dtype bfloat16 --contexts 8192 32000 \

@@ -397,3 +397,39 @@ def test_readme_recall_figures_are_the_committed_json():
              f"for `exact`; {recall('recall_page8_torch', 'tree')} against {recall('recall_page8_torch', 'exact')} "
              f"on PyTorch's docstrings")
     assert claim in " ".join((root / "README.md").read_text().split())
+
+
+def test_host_sync_reports_are_counted_at_their_call_site():
+    # on CUDA, torch reports each synchronising call as a warning; here the reports are raised by hand
+    import traceback
+    import warnings
+    from pathlib import Path
+
+    from icecache.bench.syncs import HostSyncRecorder, call_site, format_syncs
+
+    def model_code():
+        warnings.warn("called a synchronizing CUDA operation")
+
+    with HostSyncRecorder(cuda=False) as recorder:
+        model_code()
+        model_code()
+    line = model_code.__code__.co_firstlineno + 1
+    assert recorder.sites == {f"{Path(__file__).resolve()}:{line}  warnings.warn(\"called a synchronizing CUDA operation\")": 2}
+    with pytest.warns(UserWarning, match="unrelated"), HostSyncRecorder(cuda=False) as recorder:
+        warnings.warn("unrelated")  # passed on, not counted
+    assert not recorder.sites
+
+    # icecache's own innermost frame names the site, not torch's code below it nor the bench loop above it
+    package = Path(__file__).resolve().parents[1] / "icecache"
+    frames = [traceback.FrameSummary(str(package / "bench" / "syncs.py"), 90, "_count_syncs", line="model(token)"),
+              traceback.FrameSummary(str(package / "runtime" / "layer.py"), 243, "select_pages", line="q.cpu()"),
+              traceback.FrameSummary("/x/site-packages/torch/functional.py", 7, "f", line="op()")]
+    assert call_site(frames) == "icecache/runtime/layer.py:243  q.cpu()"
+
+    result = {"settings": {"context": 4096, "batch": 1, "budget": 256, "steps": 4, "warmup": 2},
+              "environment": {"device": "test"},
+              "rows": [{"method": "full KV", "syncs_per_step": 1.0, "beyond_full_kv": 0.0, "sites": {"a.py:1  x": 1.0}},
+                       {"method": "tree", "syncs_per_step": 3.0, "beyond_full_kv": 2.0,
+                        "sites": {"a.py:1  x": 1.0, "icecache/runtime/layer.py:243  q.cpu()": 2.0}}]}
+    text = format_syncs(result)
+    assert "tree (beyond full KV):" in text and "2.0  icecache/runtime/layer.py:243" in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from icecache.demo import DEMO_INDEXES, format_table, run_demo
 
@@ -27,6 +28,8 @@ def test_demo_shows_the_default_index_beside_full_kv_and_exact(smollm):
     (["bench", "recall", "--budgets", "64", "--window", "100"], "use budget >= 116"),
     (["bench", "latency", "--page-size", "0"], "page_size must be >= 1, got 0"),
     (["bench", "prefill", "--index", "nope"], "unknown index 'nope'; available indexes"),
+    pytest.param(["bench", "syncs"], "it needs a CUDA device, and torch sees none",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="lists CUDA syncs where there is CUDA")),
 ])
 def test_command_line_refuses_bad_rows_before_loading_a_model(argv, message, capsys, monkeypatch):
     import icecache.models

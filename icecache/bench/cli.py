@@ -129,6 +129,34 @@ def _latency(args: argparse.Namespace) -> int:
     return _finish(args, "latency", result, start, format_latency(result), plot_latency)
 
 
+def _check_syncs(args: argparse.Namespace) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("bench syncs lists the host synchronisations of CUDA decode steps: it needs a CUDA "
+                         "device, and torch sees none")
+    check_rows(args.indexes, [args.budget], select_every=args.select_every)
+
+
+def _syncs(args: argparse.Namespace) -> int:
+    import torch
+
+    from .common import random_model
+    from .syncs import format_syncs, run_syncs
+
+    start = time.perf_counter()
+    model, tokenizer = _load_model(args)
+    dtype = getattr(torch, args.dtype)
+    if args.model.startswith("random-"):
+        model = random_model(args.model.removeprefix("random-"), "cuda", dtype)
+    else:
+        model = model.to(device="cuda", dtype=dtype)
+    result = run_syncs(model, tokenizer, context=args.context, indexes=args.indexes, budget=args.budget,
+                       steps=args.steps, batch=args.batch, runtime_options={"select_every": args.select_every})
+    result["settings"].update(model=args.model)
+    return _finish(args, "syncs", result, start, format_syncs(result))
+
+
 def _prefill(args: argparse.Namespace) -> int:
     from .prefill import format_prefill, run_prefill
 
@@ -162,7 +190,7 @@ def _vllm(args: argparse.Namespace) -> int:
 def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     from ..tasks import PROSE_SOURCES
 
-    bench = sub.add_parser("bench", help="benchmarks: recall, tasks, latency, prefill, kernel, vllm")
+    bench = sub.add_parser("bench", help="benchmarks: recall, tasks, latency, prefill, kernel, syncs, vllm")
     kinds = bench.add_subparsers(dest="bench", required=True)
 
     recall = kinds.add_parser("recall", help="retrieval recall of every index on real attention")
@@ -228,6 +256,18 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     latency.add_argument("--out", default="results")
     latency.set_defaults(run=_latency, parser=latency, check=lambda a: check_rows(
         a.indexes, [a.budget], page_size=a.page_size, select_every=a.select_every))
+
+    syncs = kinds.add_parser("syncs", help="host synchronisations per decode step on CUDA, by call site")
+    syncs.add_argument("--context", type=positive_int, default=4096)
+    syncs.add_argument("--indexes", nargs="+", default=None, help=INDEX_SPEC_HELP)
+    syncs.add_argument("--budget", type=positive_int, default=256)
+    syncs.add_argument("--steps", type=positive_int, default=4)
+    syncs.add_argument("--batch", type=positive_int, default=1)
+    syncs.add_argument("--select-every", type=int, default=1)
+    _add_model_option(syncs, extra=("random-smollm2-135m", "random-llama-8b"))
+    syncs.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    syncs.add_argument("--out", default="results")
+    syncs.set_defaults(run=_syncs, parser=syncs, check=_check_syncs)
 
     from ..index import DEFAULT_INDEX
     from .prefill import METHODS
