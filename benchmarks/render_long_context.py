@@ -90,8 +90,9 @@ def recall_section(result: dict) -> str:
 def tasks_section(results: list[dict]) -> str:
     parts = ["## Tasks at 16k and 32k tokens", "",
              "Every index at its options of the time: these runs predate the tree's span pages, bound candidates "
-             "and span pages chosen by the prompt's last position. Today's default tree on Gemma 3 at 16k and 32k: "
-             "[`TASKS.md`](TASKS.md) (`tasks_suite/gemma3_16k.json`, `tasks_suite/gemma3_32k.json`).", ""]
+             "and span pages chosen by the prompt's last position. Today's default tree on Gemma 3 at 16k and 32k, "
+             "with today's budget rule: [`TASKS.md`](TASKS.md) (`tasks_suite/gemma3_16k_page8.json`, "
+             "`tasks_suite/gemma3_16k_vartrack_twohop.json`, `tasks_suite/gemma3_32k.json`).", ""]
     for result in results:
         s = result["settings"]
         contexts = " ".join(map(str, s["contexts"]))
