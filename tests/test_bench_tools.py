@@ -433,3 +433,14 @@ def test_host_sync_reports_are_counted_at_their_call_site():
                         "sites": {"a.py:1  x": 1.0, "icecache/runtime/layer.py:243  q.cpu()": 2.0}}]}
     text = format_syncs(result)
     assert "tree (beyond full KV):" in text and "2.0  icecache/runtime/layer.py:243" in text
+
+
+def test_host_sync_rows_count_per_step_and_beyond_full_kv():
+    from collections import Counter
+
+    from icecache.bench.syncs import _sync_row
+
+    full = Counter({"a.py:1  x": 4})
+    row = _sync_row("tree", Counter({"a.py:1  x": 4, "icecache/index/tree.py:9  q.cpu()": 8}), full, steps=4)
+    assert row == {"method": "tree", "syncs_per_step": 3.0, "beyond_full_kv": 2.0,
+                   "sites": {"icecache/index/tree.py:9  q.cpu()": 2.0, "a.py:1  x": 1.0}}

@@ -91,6 +91,12 @@ def _count_syncs(model, cache, first_token: torch.Tensor, steps: int, warmup: in
     return recorder.sites
 
 
+def _sync_row(method: str, sites: Counter, full_sites: Counter, steps: int) -> dict:
+    beyond = sum(n for site, n in sites.items() if site not in full_sites)
+    return {"method": method, "syncs_per_step": sum(sites.values()) / steps, "beyond_full_kv": beyond / steps,
+            "sites": {site: n / steps for site, n in sites.most_common()}}
+
+
 def run_syncs(model, tokenizer, context: int = 4096, indexes=None, budget: int = 256, steps: int = 4,
               warmup: int = 2, batch: int = 1, runtime_options: dict | None = None, prose: str | None = None) -> dict:
     """Host synchronisations per decode step on CUDA, full KV beside every index (one shared prefill of
@@ -104,23 +110,16 @@ def run_syncs(model, tokenizer, context: int = 4096, indexes=None, budget: int =
     runtime_options = runtime_options or {}
     base, first = shared_prefill(model, prompt_ids(tokenizer, context, prose).to(device), budget)
     tokens = first.repeat(batch, 1)
-    rows = []
     full = full_kv_copy(base)
     full.batch_repeat_interleave(batch)
     full_sites = _count_syncs(model, full, tokens, steps, warmup)
     del full
-    for name in [FULL, *indexes]:
-        if name == FULL:
-            sites = full_sites
-        else:
-            cache = IceRuntime(index=name, budget=budget, **runtime_options).new_cache(model, prefill=base)
-            cache.batch_repeat_interleave(batch)
-            sites = _count_syncs(model, cache, tokens, steps, warmup)
-            del cache
-        beyond = sum(n for site, n in sites.items() if site not in full_sites)
-        rows.append({"method": name, "syncs_per_step": sum(sites.values()) / steps,
-                     "beyond_full_kv": beyond / steps,
-                     "sites": {site: n / steps for site, n in sites.most_common()}})
+    rows = [_sync_row(FULL, full_sites, full_sites, steps)]
+    for name in indexes:
+        cache = IceRuntime(index=name, budget=budget, **runtime_options).new_cache(model, prefill=base)
+        cache.batch_repeat_interleave(batch)
+        rows.append(_sync_row(name, _count_syncs(model, cache, tokens, steps, warmup), full_sites, steps))
+        del cache
     return {"environment": environment(), "rows": rows,
             "settings": {"context": context, "budget": budget, "steps": steps, "warmup": warmup, "batch": batch,
                          "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
