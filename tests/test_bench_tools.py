@@ -444,3 +444,40 @@ def test_host_sync_rows_count_per_step_and_beyond_full_kv():
     row = _sync_row("tree", Counter({"a.py:1  x": 4, "icecache/index/tree.py:9  q.cpu()": 8}), full, steps=4)
     assert row == {"method": "tree", "syncs_per_step": 3.0, "beyond_full_kv": 2.0,
                    "sites": {"icecache/index/tree.py:9  q.cpu()": 2.0, "a.py:1  x": 1.0}}
+
+
+def test_hot_token_ranks_scores_pages_as_the_tree_does_and_bounds_hold():
+    # benchmarks/hot_token_ranks.py: each page's centroid score and two upper bounds on its best token
+    import importlib.util
+    from pathlib import Path
+
+    from icecache.index import get_index
+    from icecache.runtime.layer import SparseLayer
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("hot_token_ranks", root / "benchmarks" / "hot_token_ranks.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    torch.manual_seed(0)
+    index = get_index("tree", head_dim=16, page_size=8)
+    index.build(torch.randn(2, 400, 16))
+    queries = torch.randn(3, 16)
+    pages = index.num_pages
+    scores = tool.page_scores(index, 1, queries)
+    centroids = index._cent[1, :, :pages].float()  # [d, pages]
+    assert torch.equal(scores["centroid"], (queries @ centroids).amax(0))
+    keys = index._page_keys[1, :pages, :, :16]
+    held = index._table[1, :pages] >= 0
+    best_token = torch.stack([(keys @ q).masked_fill(~held, -float("inf")).amax(1) for q in queries]).amax(0)
+    assert (scores["box bound"] >= best_token - 1e-5).all()
+    assert (scores["radius bound"] >= best_token - 0.05).all()  # centroids in bfloat16: a little slack
+    top = int(scores["centroid"].argmax())
+    assert tool.page_ranks(index, 1, queries, top)["centroid"] == 0
+    indexed = torch.softmax(keys[:, :, :].reshape(-1, 16)[: index.num_tokens] @ queries[0], 0)  # any distribution
+    shares = tool.mass_shares(index, 1, indexed, torch.tensor([top, -1]), max_pages=2)
+    assert 0 <= shares["search"] <= shares["tree layout"] <= shares["tokens"] <= 1
+    assert shares["token order"] <= shares["tokens"]
+    original, rows, mass = SparseLayer.step, [], []
+    with tool.watch_steps(1, 0.0, rows, mass):
+        assert SparseLayer.step is not original
+    assert SparseLayer.step is original and rows == [] and mass == []
