@@ -1,16 +1,19 @@
-"""Where does the tree rank the page of a token that a decode step attends to most, when it misses it?
+"""Which attention does an index's page choice keep at the decode steps that decide an answer?
 
 For one question of `icecache bench tasks` (same seeds, depths and haystacks as the suite, as in
-`replay_questions.py`), decodes with `tree` (or a tree variant) and, at the first `--steps` decode steps of every
-sparse layer and KV head, takes the indexed token (not sink, not window) with the most attention probability
-under full attention (the mean over the head's query group, scored against every stored key). If the step's
-pages miss it and it holds at least `--min-prob`, prints the probability, its page's fill and that page's rank among all pages by the tree's
-centroid score (`max_g q_g . c`, what picks most candidates), by the radius bound `q . c + |q| r` (what picks
-`bound_candidates` more) and by a per-dimension box bound (Quest's `sum_j max(q_j min_j, q_j max_j)`, not used by
-the tree; for comparison), with the candidate counts the search used.
+`replay_questions.py`), decodes with one index (`--index`, the tree by default) and, at the first `--steps` decode
+steps of every sparse layer and KV head, scores the step's query against every stored key (full attention, the
+mean over the head's query group). It prints: the share of the indexed tokens' attention that the chosen pages
+hold, beside the best pages of the index's own layout (a perfect search over it), the best token-order pages
+(what `exact` holds) and the best single tokens; how many tokens of the answer (and of `--track` strings, say
+another needle's value) sink, window and chosen pages hold, where they draw at least `--min-prob`; and, where
+the chosen pages miss a head's hottest indexed token holding at least `--min-prob`, that token's page and, for
+the tree, the page's rank by centroid score (`max_g q_g . c`, what picks most candidates), by the radius bound
+`q . c + |q| r` (what picks `bound_candidates` more) and by a per-dimension box bound (Quest's
+`sum_j max(q_j min_j, q_j max_j)`, which the tree does not use).
 
     .venv/bin/python benchmarks/hot_token_ranks.py --context 4096 --kind multikey --questions 15 --pick 6 \
-        --sources torch --budget 256
+        --sources torch --budget 256 --track 1011667
 """
 
 from __future__ import annotations
@@ -54,25 +57,26 @@ def page_ranks(index, head: int, queries: torch.Tensor, page: int) -> dict[str, 
 def mass_shares(index, head: int, indexed: torch.Tensor, chosen: torch.Tensor, max_pages: int) -> dict[str, float]:
     """Shares of one head's attention over the indexed tokens (`indexed` `[n]`, probabilities under full
     attention) held by: the pages the search chose (`chosen`, -1 padded), the best `max_pages` pages of the
-    tree's own layout (what a perfect search over it would hold), the best `max_pages` token-order pages
+    index's own layout (what a perfect search over it would hold), the best `max_pages` token-order pages
     (what `exact` holds) and the best `max_pages * page_size` single tokens (the ceiling)."""
     total = float(indexed.sum())
-    table = index._table[head, : index.num_pages]
+    table = index.page_table[head]
     page_mass = torch.where(table >= 0, indexed[table.clamp(min=0)], torch.zeros(())).sum(1)
     ps = index.page_size
     ordered = torch.nn.functional.pad(indexed, (0, -indexed.numel() % ps)).view(-1, ps).sum(1)
     chosen = chosen[chosen >= 0]
     return {"search": float(page_mass[chosen].sum()) / total,
-            "tree layout": float(page_mass.topk(min(max_pages, page_mass.numel())).values.sum()) / total,
+            "layout": float(page_mass.topk(min(max_pages, page_mass.numel())).values.sum()) / total,
             "token order": float(ordered.topk(min(max_pages, ordered.numel())).values.sum()) / total,
             "tokens": float(indexed.topk(min(max_pages * ps, indexed.numel())).values.sum()) / total}
 
 
 @contextmanager
-def watch_steps(steps: int, min_prob: float, rows: list, shares: list):
+def watch_steps(steps: int, min_prob: float, rows: list, shares: list, tracked: dict | None = None):
     """Record, for the first `steps` decode steps of every sparse layer, each KV head's hottest indexed token
     that the step's pages missed, if it holds at least `min_prob` of the head's attention (into `rows`), and
-    each head's `mass_shares` (into `shares`)."""
+    each head's `mass_shares` (into `shares`); with `tracked` (name -> global token positions), also how many of
+    each name's tokens sink, window and chosen pages hold and the attention on them (into each share row)."""
     original = SparseLayer.step
     seen: dict[int, int] = {}
 
@@ -88,17 +92,29 @@ def watch_steps(steps: int, min_prob: float, rows: list, shares: list):
         index = layer.index
         for head in range(layer.kv_heads):
             indexed = probs[head, sink: n - window]
-            shares.append({"step": count, "layer": layer.layer_number, "head": head,
-                           **mass_shares(index, head, indexed, plan.page_ids[head], layer.budget.max_pages)})
+            share = {"step": count, "layer": layer.layer_number, "head": head,
+                     **mass_shares(index, head, indexed, plan.page_ids[head], layer.budget.max_pages)}
+            if tracked:
+                held = torch.zeros(n, dtype=torch.bool)
+                held[:sink] = True
+                held[n - window:] = True
+                pages = plan.page_ids[head][plan.page_ids[head] >= 0]
+                local = index.page_table[head, pages].flatten()
+                held[local[local >= 0] + sink] = True
+                for name, positions in tracked.items():
+                    share[name] = (int(held[positions].sum()), len(positions), float(probs[head, positions].sum()))
+            shares.append(share)
             token = int(indexed.argmax())  # local position in the index
-            page = int(index._token_page[head, token])
+            tree = hasattr(index, "_token_page")  # other indexes: token-order pages, no centroids to rank by
+            page = int(index._token_page[head, token]) if tree else token // index.page_size
             chosen = plan.page_ids[head]
             if float(indexed[token]) < min_prob or page in chosen[chosen >= 0].tolist():
                 continue
             rows.append({"step": count, "layer": layer.layer_number, "head": head, "token": token + sink,
-                         "pinned": page < index._pinned,
-                         "prob": float(indexed[token]), "page": page, "fill": int(index._fill[head, page]),
-                         **page_ranks(index, head, queries[head], page)})
+                         "pinned": page < getattr(index, "_pinned", 0),
+                         "prob": float(indexed[token]), "page": page,
+                         "fill": int((index.page_table[head, page] >= 0).sum()),
+                         **(page_ranks(index, head, queries[head], page) if tree else {})})
         return out, plan
 
     SparseLayer.step = step
@@ -119,21 +135,30 @@ def main() -> None:
     parser.add_argument("--pick", type=int, required=True, help="question number 0 .. questions - 1")
     parser.add_argument("--sources", nargs="+", default=["pydoc", "numpy"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--index", default="tree", help="a tree spec, e.g. tree:bound_candidates=48")
+    parser.add_argument("--index", default="tree",
+                        help="an index spec, e.g. tree:bound_candidates=48 (page ranks: the tree only)")
     parser.add_argument("--budget", type=int, default=256)
     parser.add_argument("--steps", type=int, default=1, help="decode steps to watch")
     parser.add_argument("--min-prob", type=float, default=0.05, help="report missed tokens holding at least this")
+    parser.add_argument("--track", nargs="*", default=[],
+                        help="strings of the prompt (say, another needle's value) whose tokens to follow per step and "
+                             "head, beside the answers'")
     args = parser.parse_args()
     name, options = parse_index_spec(args.index)
-    if name != "tree":
-        parser.error(f"--index must be a tree spec (page ranks read the tree's centroids), got {args.index!r}")
     model, tokenizer = load_model(args.model)
     frame = "inline" if model_spec(args.model).instruct else "qa"
     source = args.sources[args.pick % len(args.sources)]  # as run_tasks: sources in turn
     task = TaskBuilder(tokenizer, prose_source(source), frame).build(
         args.kind, args.seed + 1000 * args.kinds.index(args.kind) + args.pick, args.context,
         (args.pick + 0.5) / args.questions)
-    ids = tokenizer(task.prompt, return_tensors="pt").input_ids
+    encoded = tokenizer(task.prompt, return_tensors="pt", return_offsets_mapping=True)
+    ids, offsets = encoded.input_ids, encoded.offset_mapping[0].tolist()
+    tracked = {}
+    for text in [*task.answers, *args.track]:
+        start = task.prompt.find(text)  # the first occurrence: a needle's value appears once
+        if start < 0:
+            parser.error(f"--track: {text!r} is not in the prompt")
+        tracked[text] = torch.tensor([i for i, (a, b) in enumerate(offsets) if a < start + len(text) and b > start])
     base, first = shared_prefill(model, ids, args.budget)
     runtime = IceRuntime(index=name, budget=args.budget, index_options=options)
     cache = runtime.new_cache(model, prefill=base)
@@ -142,35 +167,44 @@ def main() -> None:
             row.layer_number = number
     rows: list[dict] = []
     shares: list[dict] = []
-    with watch_steps(args.steps, args.min_prob, rows, shares):
+    with watch_steps(args.steps, args.min_prob, rows, shares, tracked):
         out = generate_after_prefill(model, cache, ids, first, NEW_TOKENS[task.kind])[0]
     text = tokenizer.decode(out, skip_special_tokens=True)
     pages = cache.layers[-1].rows[0].index.num_pages
-    opts = cache.layers[-1].rows[0].index.options
+    index = cache.layers[-1].rows[0].index
     print(f"question {args.pick} ({source}, {ids.shape[1]} tokens) {task.answers}: {args.index}@{args.budget} "
           f"{'ok' if task.score(text) else repr(text[:20])}; ~{pages} pages per head, "
-          f"{opts.candidate_factor} x pages asked (min {opts.min_candidates}) + pinned by centroid, "
-          f"{opts.bound_candidates} by radius bound")
-    names = ("search", "tree layout", "token order", "tokens")
+          + (f"{index.options.candidate_factor} x pages asked (min {index.options.min_candidates}) + pinned by "
+             f"centroid, {index.options.bound_candidates} by radius bound" if name == "tree" else f"index {name}"))
+    names = ("search", "layout", "token order", "tokens")
     print("\nShare of the indexed tokens' attention held, mean over sparse layers and KV heads (and the 5 heads "
           "where the search holds least):")
-    print("| step | chosen pages | best pages of the tree's layout | best token-order pages | best single tokens "
-          "| lowest heads (layer.head: chosen / tree layout / token order) |")
+    print("| step | chosen pages | best pages of the index's layout | best token-order pages | best single tokens "
+          "| lowest heads (layer.head: chosen / its layout / token order) |")
     print("|---|---|---|---|---|---|")
     for step in sorted({r["step"] for r in shares}):
         at = [r for r in shares if r["step"] == step]
         means = " | ".join(f"{sum(r[k] for r in at) / len(at):.3f}" for k in names)
         low = sorted(at, key=lambda r: r["search"])[:5]
-        worst = ", ".join(f"{r['layer']}.{r['head']}: {r['search']:.2f} / {r['tree layout']:.2f} / "
+        worst = ", ".join(f"{r['layer']}.{r['head']}: {r['search']:.2f} / {r['layout']:.2f} / "
                           f"{r['token order']:.2f}" for r in low)
         print(f"| {step} | {means} | {worst} |")
+    print("\nTokens of the answer (and --track) that sink, window and the chosen pages hold (held / tokens, the "
+          f"attention on all of them), per step, layer and KV head where they draw at least {args.min_prob}:")
+    print("| step | layer.head | " + " | ".join(f"`{t}`" for t in tracked) + " |")
+    print("|---|---|" + "---|" * len(tracked))
+    for r in shares:
+        if max(r[t][2] for t in tracked) < args.min_prob:
+            continue
+        print(f"| {r['step']} | {r['layer']}.{r['head']} | " + " | ".join(
+            f"{r[t][0]} / {r[t][1]}, {r[t][2]:.3f}" for t in tracked) + " |")
     print(f"\nMissed hottest indexed tokens holding >= {args.min_prob} of a head's attention:")
     print("| step | layer | head | token | prob | page (fill) | rank: centroid | radius bound | box bound |")
     print("|---|---|---|---|---|---|---|---|---|")  # a pinned page (span or first hot tier) is always rescored
     for r in rows:
         print(f"| {r['step']} | {r['layer']} | {r['head']} | {r['token']} | {r['prob']:.3f} | {r['page']} ({r['fill']})"
               f"{', pinned' if r['pinned'] else ''} "
-              f"| {r['centroid']} | {r['radius bound']} | {r['box bound']} |")
+              "| " + " | ".join(str(r.get(k, "-")) for k in ("centroid", "radius bound", "box bound")) + " |")
 
 
 if __name__ == "__main__":

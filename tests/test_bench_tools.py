@@ -475,7 +475,7 @@ def test_hot_token_ranks_scores_pages_as_the_tree_does_and_bounds_hold():
     assert tool.page_ranks(index, 1, queries, top)["centroid"] == 0
     indexed = torch.softmax(keys[:, :, :].reshape(-1, 16)[: index.num_tokens] @ queries[0], 0)  # any distribution
     shares = tool.mass_shares(index, 1, indexed, torch.tensor([top, -1]), max_pages=2)
-    assert 0 <= shares["search"] <= shares["tree layout"] <= shares["tokens"] <= 1
+    assert 0 <= shares["search"] <= shares["layout"] <= shares["tokens"] <= 1
     assert shares["token order"] <= shares["tokens"]
     original, rows, mass = SparseLayer.step, [], []
     with tool.watch_steps(1, 0.0, rows, mass):
