@@ -92,7 +92,8 @@ def tasks_section(results: list[dict]) -> str:
              "Every index at its options of the time: these runs predate the tree's span pages, bound candidates "
              "and span pages chosen by the prompt's last position. Today's default tree on Gemma 3 at 16k and 32k, "
              "with today's budget rule: [`TASKS.md`](TASKS.md) (`tasks_suite/gemma3_16k_page8.json`, "
-             "`tasks_suite/gemma3_16k_vartrack_twohop.json`, `tasks_suite/gemma3_32k.json`).", ""]
+             "`tasks_suite/gemma3_16k_vartrack_twohop.json`, `tasks_suite/gemma3_32k.json`, "
+             "`tasks_suite/gemma3_32k_vartrack_twohop.json`).", ""]
     for result in results:
         s = result["settings"]
         contexts = " ".join(map(str, s["contexts"]))
