@@ -90,6 +90,7 @@ def watch_steps(steps: int, min_prob: float, rows: list, shares: list, tracked: 
         keys = layer.host.k[:, :n].float()
         probs = torch.softmax(torch.einsum("hgd,hnd->hgn", queries, keys) * layer.scale, -1).mean(1)  # [kv, n]
         index = layer.index
+        tree = hasattr(index, "_token_page")  # other indexes: token-order pages, no centroids to rank by
         for head in range(layer.kv_heads):
             indexed = probs[head, sink: n - window]
             share = {"step": count, "layer": layer.layer_number, "head": head,
@@ -105,7 +106,6 @@ def watch_steps(steps: int, min_prob: float, rows: list, shares: list, tracked: 
                     share[name] = (int(held[positions].sum()), len(positions), float(probs[head, positions].sum()))
             shares.append(share)
             token = int(indexed.argmax())  # local position in the index
-            tree = hasattr(index, "_token_page")  # other indexes: token-order pages, no centroids to rank by
             page = int(index._token_page[head, token]) if tree else token // index.page_size
             chosen = plan.page_ids[head]
             if float(indexed[token]) < min_prob or page in chosen[chosen >= 0].tolist():
@@ -170,8 +170,8 @@ def main() -> None:
     with watch_steps(args.steps, args.min_prob, rows, shares, tracked):
         out = generate_after_prefill(model, cache, ids, first, NEW_TOKENS[task.kind])[0]
     text = tokenizer.decode(out, skip_special_tokens=True)
-    pages = cache.layers[-1].rows[0].index.num_pages
     index = cache.layers[-1].rows[0].index
+    pages = index.num_pages
     print(f"question {args.pick} ({source}, {ids.shape[1]} tokens) {task.answers}: {args.index}@{args.budget} "
           f"{'ok' if task.score(text) else repr(text[:20])}; ~{pages} pages per head, "
           + (f"{index.options.candidate_factor} x pages asked (min {index.options.min_candidates}) + pinned by "
