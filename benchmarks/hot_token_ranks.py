@@ -23,7 +23,7 @@ from contextlib import contextmanager
 
 import torch
 
-from icecache.bench.tasks import NEW_TOKENS
+from icecache.bench.tasks import NEW_TOKENS, suite_question
 from icecache.index import parse_index_spec
 from icecache.models import load_model, model_spec
 from icecache.runtime import IceRuntime, generate_after_prefill, shared_prefill
@@ -147,10 +147,9 @@ def main() -> None:
     name, options = parse_index_spec(args.index)
     model, tokenizer = load_model(args.model)
     frame = "inline" if model_spec(args.model).instruct else "qa"
-    source = args.sources[args.pick % len(args.sources)]  # as run_tasks: sources in turn
-    task = TaskBuilder(tokenizer, prose_source(source), frame).build(
-        args.kind, args.seed + 1000 * args.kinds.index(args.kind) + args.pick, args.context,
-        (args.pick + 0.5) / args.questions)
+    asked = suite_question(args.kinds, args.kind, args.pick, args.questions, args.seed, args.sources, args.context)
+    source = asked.source
+    task = TaskBuilder(tokenizer, prose_source(source), frame).build(asked.kind, asked.seed, asked.context, asked.depth)
     encoded = tokenizer(task.prompt, return_tensors="pt", return_offsets_mapping=True)
     ids, offsets = encoded.input_ids, encoded.offset_mapping[0].tolist()
     tracked = {}

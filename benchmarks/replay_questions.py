@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from icecache.index import parse_index_spec
-from icecache.bench.tasks import NEW_TOKENS
+from icecache.bench.tasks import NEW_TOKENS, suite_question
 from icecache.models import load_model, model_spec
 from icecache.runtime import IceRuntime, generate_after_prefill, shared_prefill
 from icecache.tasks import TASK_KINDS, TaskBuilder, prose_source
@@ -36,11 +36,10 @@ def main() -> None:
     builders = {s: TaskBuilder(tokenizer, prose_source(s), frame) for s in args.sources}
     variants = {spec: parse_index_spec(spec) for spec in args.variants}
     counts = {(spec, b): 0 for spec in variants for b in args.budgets}
-    kind_place = args.kinds.index(args.kind)
-    for j in args.pick:  # as run_tasks: seed + 1000 * kind place + question, sources in turn
-        source = args.sources[j % len(args.sources)]
-        task = builders[source].build(args.kind, args.seed + 1000 * kind_place + j, args.context,
-                                      (j + 0.5) / args.questions)
+    for j in args.pick:
+        asked = suite_question(args.kinds, args.kind, j, args.questions, args.seed, args.sources, args.context)
+        source = asked.source
+        task = builders[source].build(asked.kind, asked.seed, asked.context, asked.depth)
         ids = tokenizer(task.prompt, return_tensors="pt").input_ids
         base, first = shared_prefill(model, ids, max(args.budgets))
         line = [f"question {j} ({source}) {task.answers}:"]

@@ -153,6 +153,36 @@ def test_task_suite_tables_are_rendered_from_the_committed_json():
         "TASKS_HISTORY.md is stale: python -m icecache.bench.tasks benchmarks/tasks_history/*.json > benchmarks/TASKS_HISTORY.md"
 
 
+def test_suite_questions_are_the_questions_every_committed_run_asked():
+    """Replay tools (`replay_questions.py`, `hot_token_ranks.py`) rebuild a run's question from
+    `suite_question`; every committed run's records must be exactly what `suite_questions` plans."""
+    import json
+    from pathlib import Path
+
+    from icecache.bench.tasks import _questions_per_seed, suite_question, suite_questions
+
+    root = Path(__file__).resolve().parents[1]
+    checked = 0
+    for path in sorted((root / "benchmarks" / "tasks_suite").glob("*.json")):
+        run = json.loads(path.read_text())
+        s = run["settings"]
+        seeds = s["seed"] if isinstance(s["seed"], list) else [s["seed"]]
+        planned = {(q.kind, q.context, round(q.depth, 6), q.source, q.seed)
+                   for seed, per_seed in zip(seeds, _questions_per_seed(s))
+                   for q in suite_questions(s["kinds"], s["contexts"], seed, s["sources"], per_seed)}
+        asked = {(r["kind"], r["context"], round(r["depth"], 6), r["source"], r["seed"]) for r in run["records"]}
+        assert asked == planned, path.name
+        checked += len(asked)
+    assert checked > 1000
+    third = suite_question(["passkey", "twohop"], "twohop", 2, questions=4, seed=500, sources=["pydoc", "numpy"],
+                           context=2048)
+    assert (third.seed, third.source, third.depth) == (1502, "pydoc", 0.625)
+    with pytest.raises(ValueError, match="pick must be in 0 .. 3"):
+        suite_question(["passkey"], "passkey", 4, questions=4, seed=0, sources=["pydoc"], context=2048)
+    with pytest.raises(ValueError, match="kind 'vartrack' is not among"):
+        suite_question(["passkey"], "vartrack", 0, questions=4, seed=0, sources=["pydoc"], context=2048)
+
+
 def test_merged_task_runs_count_every_question_once():
     from icecache.bench.tasks import _command, merge_runs, suite_readme_block
 

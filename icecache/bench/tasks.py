@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -48,13 +49,8 @@ def run_tasks(model, tokenizer, kinds=TASK_KINDS, contexts=(2048, 4096), depths=
                 for i, name in enumerate(sources)}
     configs = [(FULL, None)] + [(name, b) for name in indexes for b in budgets] + \
               [(name, None) for name in extra_methods]
-    plan = []  # (source, task seed, task) for every question
-    for i, kind in enumerate(kinds):
-        for context in contexts:
-            spots = [(q + 0.5) / questions for q in range(questions)] if questions else list(depths)
-            for j, depth in enumerate(spots):
-                source, task_seed = sources[j % len(sources)], seed + 1000 * i + j
-                plan.append((source, task_seed, builders[source].build(kind, task_seed, context, depth)))
+    plan = [(q.source, q.seed, builders[q.source].build(q.kind, q.seed, q.context, q.depth))
+            for q in suite_questions(kinds, contexts, seed, sources, questions, depths)]
     records = []
     bar = tqdm(total=len(plan) * len(configs), desc="tasks", unit="run")
     for source, task_seed, task in plan:
@@ -84,6 +80,43 @@ def run_tasks(model, tokenizer, kinds=TASK_KINDS, contexts=(2048, 4096), depths=
                          "runtime_options": runtime_options, "rules": _rules_of(runtime_options, budgets),
                          "frame": frame},
             "records": records, "summary": summarize(records)}
+
+
+@dataclass(frozen=True)
+class SuiteQuestion:
+    """One question of a suite run: what `TaskBuilder.build(kind, seed, context, depth)` gets, and the haystack."""
+
+    kind: str
+    context: int
+    depth: float
+    source: str
+    seed: int
+
+
+def suite_questions(kinds, contexts, seed: int, sources, questions: int | None = None,
+                    depths=(0.25, 0.75)) -> list[SuiteQuestion]:
+    """Every question `run_tasks` asks, in its order, so that tools can replay one of them.
+
+    Per kind and context: `questions` at evenly spread depths ((q + 0.5) / questions), else one per depth in
+    `depths`; question q of the kind in place k has task seed `seed + 1000 * k + q` and haystack `sources[q %
+    len(sources)]`.
+    """
+    asked = []
+    for place, kind in enumerate(kinds):
+        for context in contexts:
+            spots = [(q + 0.5) / questions for q in range(questions)] if questions else list(depths)
+            asked += [SuiteQuestion(kind, context, depth, sources[q % len(sources)], seed + 1000 * place + q)
+                      for q, depth in enumerate(spots)]
+    return asked
+
+
+def suite_question(kinds, kind: str, pick: int, questions: int, seed: int, sources, context: int) -> SuiteQuestion:
+    """Question number `pick` (0 .. questions - 1) of `kind` in a run of `--kinds kinds --questions questions`."""
+    if kind not in kinds:
+        raise ValueError(f"kind {kind!r} is not among the run's kinds {list(kinds)}")
+    if not 0 <= pick < questions:
+        raise ValueError(f"pick must be in 0 .. {questions - 1} (the run's questions per kind), got {pick}")
+    return [q for q in suite_questions(kinds, [context], seed, sources, questions) if q.kind == kind][pick]
 
 
 def _runtime_factory(spec: str, runtime_options: dict):
