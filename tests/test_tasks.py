@@ -82,6 +82,57 @@ def test_task_bench_spreads_questions_over_depths_and_sources(smollm):
     assert "95% CI" in format_tasks(result) and "vs full KV" in format_tasks(result)
 
 
+@pytest.mark.model
+def test_a_task_run_cut_off_goes_on_from_its_checkpoint(smollm, tmp_path):
+    import json
+
+    from icecache.bench.tasks import run_tasks
+    from icecache.cli import main
+
+    model, tokenizer = smollm
+    settings = dict(kinds=("passkey", "twohop"), contexts=(300,), budgets=(64,), indexes=("exact",), questions=2,
+                    sources=("pydoc", "numpy"))
+    whole = run_tasks(model, tokenizer, **settings)
+
+    class CutOff(Exception):
+        pass
+
+    partials = []
+
+    def cut_after_three(partial):
+        partials.append(partial)
+        if len(partials) == 3:
+            raise CutOff
+
+    with pytest.raises(CutOff):
+        run_tasks(model, tokenizer, **settings, checkpoint=cut_after_three)
+    assert [len(p["records"]) for p in partials] == [2, 4, 6]  # full KV and exact per question
+    asked_again = []
+    resumed = run_tasks(model, tokenizer, **settings, resume=json.loads(json.dumps(partials[-1])),
+                        checkpoint=asked_again.append)
+    assert len(asked_again) == 1  # only the fourth question
+    plain = lambda result: [{k: v for k, v in r.items() if k != "seconds"} for r in result["records"]]
+    assert plain(resumed) == plain(whole) and resumed["summary"] == whole["summary"]
+    with pytest.raises(ValueError, match=r"settings differ in \['budgets', 'rules'\]"):
+        run_tasks(model, tokenizer, **{**settings, "budgets": (128,)}, resume=partials[-1])
+
+    # the command line: a checkpoint after every question, gone once the run is written; --resume reads it
+    out = tmp_path / "run"
+    args = ["bench", "tasks", "--kinds", "passkey", "--contexts", "300", "--questions", "2", "--budgets", "64",
+            "--indexes", "exact", "--out", str(out)]
+    out.mkdir()
+    first = run_tasks(model, tokenizer, kinds=("passkey",), contexts=(300,), budgets=(64,), indexes=("exact",),
+                      questions=2, runtime_options={"select_every": 1, "sink": 16, "window": None, "page_size": None})
+    cut = {**first, "records": first["records"][:2], "settings": {**first["settings"], "model": "smollm2-135m"}}
+    (out / "tasks.partial.json").write_text(json.dumps(cut))
+    assert main([*args, "--resume"]) == 0
+    written = json.loads((out / "tasks.json").read_text())
+    assert plain(written) == plain(first) and not (out / "tasks.partial.json").exists()
+    (out / "tasks.partial.json").write_text(json.dumps({**cut, "settings": {**cut["settings"], "model": "gemma3-270m"}}))
+    with pytest.raises(SystemExit):
+        main([*args, "--resume"])
+
+
 def test_a_missing_model_names_the_command_that_installs_it(monkeypatch):
     import importlib.metadata
 

@@ -88,23 +88,40 @@ def _recall(args: argparse.Namespace) -> int:
 def _tasks(args: argparse.Namespace) -> int:
     from .tasks import format_tasks, run_tasks
 
+    import json
+
+    from .common import write_json
+
     start = time.perf_counter()
+    # written after every question, so that a long run cut off goes on with --resume
+    partial = Path(args.out) / "tasks.partial.json"
+    resume = None
+    if args.resume and partial.is_file():
+        resume = json.loads(partial.read_text())
+        if resume["settings"].pop("model", None) != args.model:
+            args.parser.error(f"--resume: {partial} is a run of another --model; resume it with the same arguments")
+
+    def checkpoint(result: dict) -> None:
+        staged = write_json(partial.with_suffix(".tmp"), {**result, "settings": {**result["settings"],
+                                                                                  "model": args.model}})
+        staged.replace(partial)  # a run killed while writing keeps the last whole checkpoint
+
     model, tokenizer = _load_model(args)
     result = run_tasks(model, tokenizer, kinds=args.kinds, contexts=args.contexts, depths=args.depths,
                        budgets=args.budgets, indexes=args.indexes, seed=args.seed, prose=_read_prose(args.prose),
                        runtime_options={"select_every": args.select_every, "sink": args.sink,
                                         "window": args.window, "page_size": args.page_size}, frame=_frame(args),
-                       questions=args.questions, sources=args.sources)
+                       questions=args.questions, sources=args.sources, resume=resume, checkpoint=checkpoint)
     result["settings"]["model"] = args.model
     peers = Path(args.out) / "tasks_peers.json"
     if peers.is_file():  # rows written by benchmarks/kvpress_peer.py in its own environment
-        import json
-
         from .tasks import summarize
 
         result["records"] += json.loads(peers.read_text())["records"]
         result["summary"] = summarize(result["records"])
-    return _finish(args, "tasks", result, start, format_tasks(result))
+    written = _finish(args, "tasks", result, start, format_tasks(result))
+    partial.unlink(missing_ok=True)
+    return written
 
 
 def _latency(args: argparse.Namespace) -> int:
@@ -234,6 +251,9 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     tasks.add_argument("--page-size", type=int, default=None,
                        help="tokens per KV page (budget rule; default 8)")
     tasks.add_argument("--out", default="results")
+    tasks.add_argument("--resume", action="store_true",
+                       help="go on with the run cut off in --out (its tasks.partial.json, written after every "
+                            "question) instead of asking its questions again; same arguments")
     _add_model_option(tasks)
     tasks.set_defaults(run=_tasks, parser=tasks, check=lambda a: check_rows(
         a.indexes, a.budgets, sink=a.sink, window=a.window, page_size=a.page_size, select_every=a.select_every))

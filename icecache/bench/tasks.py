@@ -31,7 +31,7 @@ FULL = "full KV"
 def run_tasks(model, tokenizer, kinds=TASK_KINDS, contexts=(2048, 4096), depths=(0.25, 0.75), budgets=(64, 256),
               indexes=None, seed: int = 0, prose: str | None = None, runtime_options: dict | None = None,
               extra_methods: dict | None = None, frame: str = "inline", questions: int | None = None,
-              sources=("pydoc",)) -> dict:
+              sources=("pydoc",), resume: dict | None = None, checkpoint=None) -> dict:
     """Run every task with full KV and every (index, budget). `extra_methods` maps a row name to
     `fn(model, tokenizer, task, max_new_tokens) -> str` for peers (e.g. other KV-compression libraries);
     `frame` is how questions are framed (`icecache.tasks.FRAMES`: "qa" for a base model).
@@ -39,6 +39,10 @@ def run_tasks(model, tokenizer, kinds=TASK_KINDS, contexts=(2048, 4096), depths=
     With `questions`, each (kind, context) gets that many questions at evenly spread depths, their
     haystacks taken in turn from `sources` (`icecache.tasks.PROSE_SOURCES`); otherwise one question per
     depth in `depths`, from `prose` (default: the first source).
+
+    `checkpoint(partial)`, if given, gets the result so far after every question (write it to disk, and a
+    long run cut off can go on); `resume` is such a partial result: its questions are kept, not asked again
+    (it must come from a run with the same settings, or `ValueError` says which differ).
     """
     indexes = list(indexes or available_indexes())
     runtime_options = runtime_options or {}
@@ -49,9 +53,14 @@ def run_tasks(model, tokenizer, kinds=TASK_KINDS, contexts=(2048, 4096), depths=
                 for i, name in enumerate(sources)}
     configs = [(FULL, None)] + [(name, b) for name in indexes for b in budgets] + \
               [(name, None) for name in extra_methods]
+    settings = {"kinds": list(kinds), "contexts": list(contexts), "depths": list(depths), "indexes": indexes,
+                "questions": questions, "sources": sources, "budgets": list(budgets), "seed": seed,
+                "runtime_options": runtime_options, "rules": _rules_of(runtime_options, budgets), "frame": frame}
+    records = _resumed_records(resume, settings, configs)
+    done = {_question(r) for r in records}
     plan = [(q.source, q.seed, builders[q.source].build(q.kind, q.seed, q.context, q.depth))
-            for q in suite_questions(kinds, contexts, seed, sources, questions, depths)]
-    records = []
+            for q in suite_questions(kinds, contexts, seed, sources, questions, depths)
+            if (q.kind, q.context, q.depth, q.source, q.seed) not in done]
     bar = tqdm(total=len(plan) * len(configs), desc="tasks", unit="run")
     for source, task_seed, task in plan:
         ids = tokenizer(task.prompt, return_tensors="pt").input_ids
@@ -73,13 +82,32 @@ def run_tasks(model, tokenizer, kinds=TASK_KINDS, contexts=(2048, 4096), depths=
                             "correct": task.score(text), "answers": task.answers, "output": text,
                             "seconds": time.perf_counter() - start})
             bar.update(1)
+        if checkpoint is not None:
+            checkpoint(_tasks_result(settings, records))
     bar.close()
-    return {"benchmark": "tasks", "environment": environment(),
-            "settings": {"kinds": list(kinds), "contexts": list(contexts), "depths": list(depths), "indexes": indexes,
-                         "questions": questions, "sources": sources, "budgets": list(budgets), "seed": seed,
-                         "runtime_options": runtime_options, "rules": _rules_of(runtime_options, budgets),
-                         "frame": frame},
-            "records": records, "summary": summarize(records)}
+    return _tasks_result(settings, records)
+
+
+def _tasks_result(settings: dict, records: list[dict]) -> dict:
+    return {"benchmark": "tasks", "environment": environment(), "settings": settings, "records": list(records),
+            "summary": summarize(records)}
+
+
+def _resumed_records(resume: dict | None, settings: dict, configs: list) -> list[dict]:
+    """The records of `resume` (a partial `run_tasks` result) whose question every config answered."""
+    if resume is None:
+        return []
+    theirs = json.loads(json.dumps(resume["settings"]))  # as written to disk: tuples became lists
+    ours = json.loads(json.dumps(settings))
+    differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    if differ:
+        raise ValueError(f"resume: the interrupted run's settings differ in {differ}; resume it with the same "
+                         f"arguments, or start afresh in another --out folder")
+    asked: dict[tuple, list[dict]] = {}
+    for record in resume["records"]:
+        asked.setdefault(_question(record), []).append(record)
+    wanted = {(name, budget) for name, budget in configs}
+    return [r for recs in asked.values() if {(r["method"], r["budget"]) for r in recs} >= wanted for r in recs]
 
 
 @dataclass(frozen=True)
