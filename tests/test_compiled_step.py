@@ -2,8 +2,6 @@
 path it replaces: the same outputs within 1e-5, the same plans and the same device tier, for every index,
 with and without the model's own scale, through inserts as tokens leave the window."""
 
-import math
-
 import pytest
 import torch
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from icecache.bench.stats import Paired, mcnemar_exact, wilson_interval
+from icecache.bench.stats import mcnemar_exact, wilson_interval
 from icecache.bench.tasks import FULL, summarize
 from icecache.tasks import PROSE_SOURCES, TaskBuilder, numpy_prose, prose_source, torch_prose
 

@@ -29,7 +29,7 @@ from ..runtime import Budget, SparseLayer, layer_plan
 from ..runtime.budget import resolved_rules
 from ..tasks import prose_source
 from .capture import Capture, capture
-from .common import environment, prompt_ids, table, write_json
+from .common import environment, prompt_ids, table
 
 CEILING = "tokens (ceiling)"
 
