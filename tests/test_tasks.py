@@ -128,6 +128,7 @@ def test_a_task_run_cut_off_goes_on_from_its_checkpoint(smollm, tmp_path):
     assert main([*args, "--resume"]) == 0
     written = json.loads((out / "tasks.json").read_text())
     assert plain(written) == plain(first) and not (out / "tasks.partial.json").exists()
+    assert written["resumed_questions"] == 1
     (out / "tasks.partial.json").write_text(json.dumps({**cut, "settings": {**cut["settings"], "model": "gemma3-270m"}}))
     with pytest.raises(SystemExit):
         main([*args, "--resume"])

@@ -113,6 +113,10 @@ def _tasks(args: argparse.Namespace) -> int:
                                         "window": args.window, "page_size": args.page_size}, frame=_frame(args),
                        questions=args.questions, sources=args.sources, resume=resume, checkpoint=checkpoint)
     result["settings"]["model"] = args.model
+    if resume is not None:  # wall_seconds then covers only what this invocation asked
+        from .tasks import _question
+
+        result["resumed_questions"] = len({_question(r) for r in resume["records"]})
     peers = Path(args.out) / "tasks_peers.json"
     if peers.is_file():  # rows written by benchmarks/kvpress_peer.py in its own environment
         from .tasks import summarize
