@@ -62,16 +62,16 @@ def test_budget_above_the_context_gives_stock_vllm_tokens_for_every_index(equali
 
 
 def test_pass_key_and_multi_key_through_vllm_match_the_transformers_path(tmp_path, smollm, model_dir):
-    from icecache.bench.tasks import NEW_TOKENS, run_tasks
+    from icecache.bench.tasks import NEW_TOKENS, run_tasks, suite_questions
     from icecache.tasks import TaskBuilder
 
     model, tok = smollm
     budgets, questions = (64, 256), 6  # 6 per kind: the test's cost is CI's largest (10 per kind took 708 s)
     result = run_tasks(model, tok, kinds=("passkey", "multikey"), contexts=(2048,), budgets=budgets,
                        indexes=["tree"], questions=questions)
-    builder = TaskBuilder(tok)
-    tasks = [builder.build(kind, 1000 * i + j, 2048, (j + 0.5) / questions)
-             for i, kind in enumerate(("passkey", "multikey")) for j in range(questions)]
+    builder = TaskBuilder(tok)  # the same questions, on the same prose, as run_tasks asked
+    tasks = [builder.build(q.kind, q.seed, q.context, q.depth)
+             for q in suite_questions(("passkey", "multikey"), (2048,), 0, ("pydoc",), questions)]
     batch = [{"ids": tok(t.prompt).input_ids, "max_tokens": NEW_TOKENS[t.kind]} for t in tasks]
     runs = run_engines(tmp_path, {"model": model_dir, "max_model_len": 4096, "batches": [batch],
                                   "configs": [{"index": "tree", "budget": b} for b in budgets]})
