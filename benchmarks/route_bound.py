@@ -5,7 +5,7 @@ every page's float32 sum: at 32k that is the tree's `admit` phase. The node hier
 node (`|k - c| <= r`), so `max(0, |p - c| - r)^2` bounds the distance from `p` to every page mean below it (the
 augmented coordinate only adds), and a best-first descent could skip subtrees without changing the page chosen.
 This prints, per layer, the share of leaves such a descent would still score, for the keys of the decode steps
-after a real prompt (the prompt's tree built as the runtime builds it, its prefill queries included)::
+after a real prompt (a tree over the whole prompt's keys, with its prefill queries, at the runtime's page size)::
 
     .venv/bin/python benchmarks/route_bound.py --context 8192 --steps 32 --layers 4 12 20 28
 """
@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from icecache.bench.capture import capture
+from icecache.bench.common import prompt_ids
 from icecache.index.base import BuildContext, get_index
 from icecache.models import load_model
-from icecache.tasks import default_prose
 
 
 def leaves_scored(index, h: int, point: np.ndarray) -> tuple[int, int]:
@@ -64,8 +64,8 @@ def main() -> None:
     parser.add_argument("--page-size", type=int, default=8)
     args = parser.parse_args()
     model, tokenizer = load_model(args.model)
-    ids = tokenizer(default_prose(), return_tensors="pt").input_ids[:, : args.context]
-    n = ids.shape[1]
+    ids = prompt_ids(tokenizer, args.context)
+    n = args.context
     cap = capture(model, ids, steps=args.steps)
     for layer in args.layers:
         keys = cap.keys[layer]  # [kv_heads, n + steps, head_dim]
