@@ -380,7 +380,7 @@ def test_peak_pages_come_first_then_pages_by_mass(seed, n, max_pages, peak_pages
 
 def node_walk(index, h):
     """Every node of head `h` below the root, with the pages below it."""
-    parent, child, sibling, page, page_node, sums, counts, centers, radii, n_nodes = index._nodes
+    parent, child, sibling, page, page_node, sums, counts, centers, radii, n_nodes = index._nodes[:10]
     below = {}
 
     def visit(node):
@@ -406,9 +406,12 @@ def test_node_bounds_hold_for_every_stored_key(seed, n, inserts, hot):
     for m in inserts:
         index.insert(3 * torch.randn(2, m, 8, generator=g))
     keys = index._page_keys[..., :8]
-    parent, child, sibling, page, page_node, sums, counts, centers, radii, n_nodes = index._nodes
+    parent, child, sibling, page, page_node, sums, counts, centers, radii, n_nodes, page_radius = index._nodes
     table = index.page_table
     for h in range(2):
+        pages = int(index._pages[h])
+        # the scan's per-page copy of each leaf's radius follows every leaf update
+        assert (page_radius[h, :pages] == radii[h, page_node[h, :pages]]).all()
         below = node_walk(index, h)
         # every page hangs under exactly one leaf, and the walk reaches every node
         assert sorted(p for ps in [below[x] for x in below if page[h, x] >= 0] for p in ps) == \
@@ -449,7 +452,7 @@ def test_descent_finds_the_best_centroids_a_scan_finds(seed, n, inserts, n_cand,
     index.build(torch.randn(2, n, 8, generator=g), BuildContext(torch.randn(2, 5, 8, generator=g)))
     for m in inserts:
         index.insert(torch.randn(2, m, 8, generator=g))
-    parent, child, sibling, page, page_node, sums, counts, centers, radii, n_nodes = index._nodes
+    parent, child, sibling, page, page_node, sums, counts, centers, radii, n_nodes = index._nodes[:10]
     queries = torch.randn(2, group, 8, generator=g).numpy()
     for h in range(2):
         pages = int(index._pages[h])
@@ -565,3 +568,78 @@ def test_follow_copy_rescores_the_page_after_the_previous_steps_first_page(searc
         assert ask(follow, t) == page_of[t]
         found += 1
     assert found >= 3  # the situation the option exists for, several times over
+
+
+def _scan_every_page(point, h, n_pages, fill, sums):
+    """The routing the filter must reproduce: every page's float32 mean measured, the first nearest kept."""
+    import numba
+    import numpy as np
+
+    from icecache.index._tree_nodes import _FAST
+
+    @numba.njit(fastmath=_FAST, cache=True)
+    def scan(point, h, n_pages, fill, sums):
+        best, best_dist = -1, np.inf
+        for p in range(n_pages):
+            if fill[h, p] == 0:
+                continue
+            inv = np.float32(1.0) / np.float32(fill[h, p])
+            dist = np.float32(0.0)
+            for j in range(point.shape[0]):
+                diff = sums[h, p, j] * inv - point[j]
+                dist += diff * diff
+            if dist < best_dist:
+                best, best_dist = p, dist
+        return best
+
+    return scan(point, h, n_pages, fill, sums)
+
+
+@given(seed=st.integers(0, 1000), n=st.integers(1, 300), scale=st.sampled_from([0.01, 1.0, 300.0]),
+       duplicates=st.booleans())
+def test_insert_routes_to_the_page_a_scan_of_every_mean_picks(seed, n, scale, duplicates):
+    """The insert estimates distances from bfloat16 centroids and measures only the pages that can win: it must
+    pick what measuring every page's float32 mean picks (the nearest; the first of equals), and that is the
+    nearest in float64 up to rounding."""
+    import numpy as np
+
+    from icecache.index._tree_kernels import _nearest_leaf, augment_keys
+
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(2, n, 8, generator=g) * scale
+    if duplicates:  # pages with equal or nearly equal centroids: ties
+        keys = keys[:, torch.arange(n) % 3]
+    index = icecache.get_index("tree", head_dim=8, page_size=4)
+    index.build(keys)
+    arrays = index._arrays()
+    probes = torch.cat([keys[:, :5], torch.randn(2, 5, 8, generator=g) * scale], 1)
+    points = augment_keys(probes.numpy(), index.max_norm)
+    for h in range(2):
+        pages = int(index._pages[h])
+        fill = arrays.fill[h, :pages]
+        means = arrays.sums[h, :pages].astype(np.float64) / np.maximum(fill, 1)[:, None]
+        for point in points[h]:
+            chosen = _nearest_leaf(point, h, pages, arrays.fill, arrays.sums, arrays.centroid_bits, arrays.route,
+                                   index.max_norm ** 2, np.empty(pages, np.float32), np.empty(pages, np.uint32))
+            assert chosen == _scan_every_page(point, h, pages, arrays.fill, arrays.sums)
+            dist = ((means - point) ** 2).sum(1)
+            dist[fill == 0] = np.inf
+            assert dist[chosen] <= dist.min() * (1 + 1e-5) + 1e-9 * index.max_norm ** 2
+
+
+@given(values=st.lists(st.sampled_from([-float("inf"), -1.5, 0.0, 0.25, 2.0, float("inf")]) | st.floats(-1e6, 1e6, width=32),
+                       min_size=1, max_size=2000), data=st.data())
+def test_top_indices_are_the_k_largest_ties_in_index_order(values, data):
+    """The search's candidate selection (Floyd-Rivest): the k largest, those above the k-th value first, then
+    ties at it in index order, as a stable sort would take them."""
+    import numpy as np
+
+    from icecache.index._tree_kernels import _top_indices
+
+    x = np.array(values, np.float32)
+    k = data.draw(st.integers(1, len(values)))
+    got = _top_indices(x, k)
+    threshold = np.sort(x)[::-1][k - 1]
+    above = np.flatnonzero(x > threshold)
+    ties = np.flatnonzero(x == threshold)[: k - above.size]
+    assert got.tolist() == above.tolist() + ties.tolist()

@@ -29,7 +29,9 @@ query head's softmax also counting the resident sink and window, through the run
 `search="descent"` finds the same candidates by a best-first descent from the root that skips subtrees
 whose bound cannot reach them; on the model's real 64-dimensional keys the bound prunes almost nothing at 8k (the descent scored 99.9% of the nodes and took 2.5x the scan's
 time, benchmarks/RESULTS.md), so the scan stays the default. Insert routes a token to the leaf with the
-nearest centroid; a full leaf splits in two by 2-means (one half keeps the page id, the other gets a new
+nearest centroid (estimated for every leaf from the bfloat16 centroids within a bound on their rounding, measured
+exactly on the float32 sums only for the few leaves that can win: the same leaf as measuring all of them,
+`benchmarks/route_filter.py`); a full leaf splits in two by 2-means (one half keeps the page id, the other gets a new
 page and a new leaf under the same parent), and the nodes above count the key, their radii kept valid
 without a rescan.
 
@@ -50,7 +52,8 @@ import numpy as np
 import torch
 
 from ._clustering import balanced_kmeans_groups
-from ._tree_kernels import TreeArrays, augment_keys, balanced_order, insert_tokens, search_pages, search_pages_descent
+from ._tree_kernels import (TreeArrays, augment_keys, balanced_order, insert_tokens, refresh_routes, search_pages,
+                            search_pages_descent)
 from ._tree_nodes import TreeNodes, build_nodes
 from .base import BuildContext, IndexOptions, SearchContext, TokenIndex, register_index
 
@@ -244,6 +247,8 @@ class TreeIndex(TokenIndex):
         # every page's augmented keys stored together, `[kv, pages, page_size, d + 1]` (slot by slot, like
         # the table): search reads a candidate page as one contiguous block instead of 16 scattered rows
         self._page_keys = torch.zeros(kv_heads, cap, self.page_size, d + 1)
+        # per page, what routing a token needs besides the bfloat16 centroids (`TreeArrays.route`)
+        self._route = torch.zeros(kv_heads, cap, 4)
         self._pages = np.zeros(kv_heads, dtype=np.int64)
         self._views = None
         self._alloc_nodes(kv_heads, cap, d)
@@ -358,6 +363,8 @@ class TreeIndex(TokenIndex):
         self._sums[h, first : first + count] = sums
         means = sums[:, : self.head_dim] / valid.sum(1, keepdim=True).clamp(min=1)
         self._cent[h, :, first : first + count] = means.T.to(torch.bfloat16)
+        refresh_routes(self._sums.numpy(), self._fill.numpy(), self._route.numpy(), h, first, first + count,
+                       self.head_dim)
         self._pages[h] = first + count
 
     def _ensure_capacity(self, pages: int) -> None:
@@ -372,7 +379,7 @@ class TreeIndex(TokenIndex):
 
         self._table, self._fill = pad(self._table, -1), pad(self._fill, 0)
         self._sums, self._cent = pad(self._sums, 0.0), pad(self._cent, 0.0, dim=2)
-        self._page_keys = pad(self._page_keys, 0.0)
+        self._page_keys, self._route = pad(self._page_keys, 0.0), pad(self._route, 0.0)
         self._views = None
         # node arrays: copy into arrays sized for the new page capacity
         old = self._nodes
@@ -390,7 +397,8 @@ class TreeIndex(TokenIndex):
     def _arrays(self) -> TreeArrays:
         if self._views is None:
             self._views = TreeArrays(self._table.numpy(), self._token_page.numpy(), self._fill.numpy(),
-                                      self._sums.numpy(), _bits(self._cent), self._page_keys.numpy())
+                                      self._sums.numpy(), _bits(self._cent), self._page_keys.numpy(),
+                                      self._route.numpy())
         return self._views
 
     def __getstate__(self) -> dict:
@@ -405,7 +413,7 @@ class TreeIndex(TokenIndex):
         self._ensure_token_capacity(start + keys.shape[1])
         a = self._arrays()
         changed = np.zeros(a.fill.shape, dtype=np.bool_)
-        insert_tokens(new_keys, start, a, self._pages, changed, self._nodes)
+        insert_tokens(new_keys, start, a, self._pages, changed, self._nodes, self.max_norm ** 2)
         return torch.from_numpy(np.flatnonzero(changed.any(0)))
 
     # -- search ----------------------------------------------------------------------------------
