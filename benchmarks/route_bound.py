@@ -55,25 +55,35 @@ def leaves_scored(index, h: int, point: np.ndarray) -> tuple[int, int]:
     return scored, int((fill > 0).sum())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--context", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 12, 20, 28])
     parser.add_argument("--page-size", type=int, default=8)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def layer_trees(args: argparse.Namespace):
+    """Per layer of `args.layers`: `(layer, keys [kv_heads, context + steps, head_dim], tree)`, the tree built over
+    a real prompt's keys with its prefill queries, at `args.page_size`; the decode steps' keys follow the prompt's."""
     model, tokenizer = load_model(args.model)
     ids = prompt_ids(tokenizer, args.context)
-    n = args.context
     cap = capture(model, ids, steps=args.steps)
     for layer in args.layers:
-        keys = cap.keys[layer]  # [kv_heads, n + steps, head_dim]
+        keys = cap.keys[layer]
         index = get_index("tree", head_dim=keys.shape[2], page_size=args.page_size)
-        index.build(keys[:, :n], BuildContext.from_query_heads(cap.prefill_queries[layer], keys.shape[0],
-                                                               cap.scaling[layer]))
+        index.build(keys[:, : args.context], BuildContext.from_query_heads(cap.prefill_queries[layer], keys.shape[0],
+                                                                         cap.scaling[layer]))
+        yield layer, keys, index
+
+
+def main() -> None:
+    args = parse_args(__doc__.split("\n")[0])
+    for layer, keys, index in layer_trees(args):
         shares = [np.divide(*leaves_scored(index, h, keys[h, t].numpy()))
-                  for t in range(n, keys.shape[1]) for h in range(keys.shape[0])]
+                  for t in range(args.context, keys.shape[1]) for h in range(keys.shape[0])]
         print(f"layer {layer}: a bound descent scores {np.mean(shares):.2f} of the leaves "
               f"(min {np.min(shares):.2f}, max {np.max(shares):.2f}; {len(shares)} routed keys)")
 

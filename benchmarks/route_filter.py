@@ -12,16 +12,12 @@ after a real prompt (a tree over the prompt's keys, with its prefill queries, at
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import torch
+from route_bound import layer_trees, parse_args  # this folder: the same prompt, capture and trees
 
-from icecache.bench.capture import capture
-from icecache.bench.common import prompt_ids
 from icecache.index._tree_kernels import _ROUTE_ABS, _ROUTE_REL, _decode_bf16, _nearest_leaf
-from icecache.index.base import BuildContext, get_index
-from icecache.models import load_model
+from icecache.index.tree import augment
 
 
 def route_one(index, h: int, point: np.ndarray) -> tuple[int, int]:
@@ -30,8 +26,8 @@ def route_one(index, h: int, point: np.ndarray) -> tuple[int, int]:
     arrays = index._arrays()
     pages = int(index._pages[h])
     fill = arrays.fill[h, :pages]
-    extra = np.sqrt(max(index.max_norm ** 2 - float((point.astype(np.float64) ** 2).sum()), 0.0))
-    augmented = np.concatenate([point, [extra]]).astype(np.float32)
+    augmented = augment(point[None], index.max_norm)[0]  # the insert's own augmentation
+    extra = augmented[-1]
     chosen = _nearest_leaf(augmented, h, pages, arrays.fill, arrays.sums, arrays.centroid_bits, arrays.route,
                            index.max_norm ** 2, np.empty(pages, np.float32), np.empty(pages, np.uint32))
     means = arrays.sums[h, :pages].astype(np.float64) / np.maximum(fill, 1)[:, None]
@@ -50,24 +46,10 @@ def route_one(index, h: int, point: np.ndarray) -> tuple[int, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--context", type=int, default=8192)
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--layers", type=int, nargs="+", default=[4, 12, 20, 28])
-    parser.add_argument("--page-size", type=int, default=8)
-    args = parser.parse_args()
-    model, tokenizer = load_model(args.model)
-    ids = prompt_ids(tokenizer, args.context)
-    n = args.context
-    cap = capture(model, ids, steps=args.steps)
-    for layer in args.layers:
-        keys = cap.keys[layer]  # [kv_heads, n + steps, head_dim]
-        index = get_index("tree", head_dim=keys.shape[2], page_size=args.page_size)
-        index.build(keys[:, :n], BuildContext.from_query_heads(cap.prefill_queries[layer], keys.shape[0],
-                                                               cap.scaling[layer]))
+    args = parse_args(__doc__.split("\n")[0])
+    for layer, keys, index in layer_trees(args):
         shares = []
-        for t in range(n, keys.shape[1]):
+        for t in range(args.context, keys.shape[1]):
             shares += [np.divide(*route_one(index, h, keys[h, t].numpy())) for h in range(keys.shape[0])]
             index.insert(keys[:, t : t + 1])  # the tree grows as in a decode: later keys meet split pages
         print(f"layer {layer}: the nearest page every time; measured exactly {np.mean(shares):.3f} of the pages "
