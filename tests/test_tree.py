@@ -380,7 +380,7 @@ def test_peak_pages_come_first_then_pages_by_mass(seed, n, max_pages, peak_pages
 
 def node_walk(index, h):
     """Every node of head `h` below the root, with the pages below it."""
-    parent, child, sibling, page, page_node, sums, counts, centers, radii, n_nodes = index._nodes[:10]
+    parent, child, sibling, page, page_node, sums, counts, centers, radii, n_nodes = index._nodes
     below = {}
 
     def visit(node):
@@ -406,12 +406,9 @@ def test_node_bounds_hold_for_every_stored_key(seed, n, inserts, hot):
     for m in inserts:
         index.insert(3 * torch.randn(2, m, 8, generator=g))
     keys = index._page_keys[..., :8]
-    parent, child, sibling, page, page_node, sums, counts, centers, radii, n_nodes, page_radius = index._nodes
+    parent, child, sibling, page, page_node, sums, counts, centers, radii, n_nodes = index._nodes
     table = index.page_table
     for h in range(2):
-        pages = int(index._pages[h])
-        # the scan's per-page copy of each leaf's radius follows every leaf update
-        assert (page_radius[h, :pages] == radii[h, page_node[h, :pages]]).all()
         below = node_walk(index, h)
         # every page hangs under exactly one leaf, and the walk reaches every node
         assert sorted(p for ps in [below[x] for x in below if page[h, x] >= 0] for p in ps) == \
@@ -452,7 +449,7 @@ def test_descent_finds_the_best_centroids_a_scan_finds(seed, n, inserts, n_cand,
     index.build(torch.randn(2, n, 8, generator=g), BuildContext(torch.randn(2, 5, 8, generator=g)))
     for m in inserts:
         index.insert(torch.randn(2, m, 8, generator=g))
-    parent, child, sibling, page, page_node, sums, counts, centers, radii, n_nodes = index._nodes[:10]
+    parent, child, sibling, page, page_node, sums, counts, centers, radii, n_nodes = index._nodes
     queries = torch.randn(2, group, 8, generator=g).numpy()
     for h in range(2):
         pages = int(index._pages[h])

@@ -280,8 +280,7 @@ def insert_tokens(new_keys, start, arrays, n_pages, changed, nodes, max_norm_sq)
     must already fit `n_pages + m` pages and `start + m` positions. `max_norm_sq` is `M^2` of the
     augmentation (every augmented key has norm `M`), the scale of the routing's rounding slack."""
     table, token_page, fill, sums, centroids, page_keys, route = arrays
-    node_parent, first_child, next_sibling, node_page, page_node, nsums, counts, centers, radii, n_nodes = nodes[:10]
-    page_radius = nodes.page_radius
+    node_parent, first_child, next_sibling, node_page, page_node, nsums, counts, centers, radii, n_nodes = nodes
     kv_heads, _, page_size = table.shape
     dim = new_keys.shape[2]
     head_dim = centroids.shape[1]
@@ -309,7 +308,7 @@ def insert_tokens(new_keys, start, arrays, n_pages, changed, nodes, max_norm_sq)
                 _refresh_centroid(sums, fill, centroids, route, h, best, head_dim)
                 changed[h, best] = True
                 leaf = page_node[h, best]
-                leaf_stats(h, leaf, best, fill, page_keys, nsums, counts, centers, radii, page_radius)
+                leaf_stats(h, leaf, best, fill, page_keys, nsums, counts, centers, radii)
                 add_key_to_ancestors(h, node_parent[h, leaf], point, node_parent, nsums, counts, centers, radii)
                 continue
             # split: the full leaf plus the new token, halves by balanced 2-means
@@ -346,8 +345,8 @@ def insert_tokens(new_keys, start, arrays, n_pages, changed, nodes, max_norm_sq)
             parent = node_parent[h, leaf]
             sibling = open_leaf(h, parent, new, node_parent, first_child, next_sibling, node_page, page_node,
                                 n_nodes)
-            leaf_stats(h, leaf, best, fill, page_keys, nsums, counts, centers, radii, page_radius)
-            leaf_stats(h, sibling, new, fill, page_keys, nsums, counts, centers, radii, page_radius)
+            leaf_stats(h, leaf, best, fill, page_keys, nsums, counts, centers, radii)
+            leaf_stats(h, sibling, new, fill, page_keys, nsums, counts, centers, radii)
             add_key_to_ancestors(h, parent, point, node_parent, nsums, counts, centers, radii)
 
 
@@ -588,12 +587,12 @@ def _best_of_group(partial, fill, n_pages, empty, score):
 
 
 @numba.njit(cache=True, fastmath=_FAST)
-def _best_of_group_and_bound(partial, norms, page_radius, fill, n_pages, score, bound):
+def _best_of_group_and_bound(partial, norms, radii, page_node, fill, n_pages, score, bound):
     """`_best_of_group` into `score`, and into `bound` the max over the query heads of `partial[g, p] +
-    norms[g] * page_radius[p]`; empty pages get -inf and `_LOWEST` (below every real page, above the
+    norms[g] * radii[page_node[p]]`; empty pages get -inf and `_LOWEST` (below every real page, above the
     taken ones, so none is taken twice)."""
     for p in range(n_pages):
-        r = page_radius[p]
+        r = radii[page_node[p]]
         best = partial[0, p]
         reach = partial[0, p] + norms[0] * r
         for g in range(1, partial.shape[0]):
@@ -639,7 +638,7 @@ def search_pages(queries, arrays, nodes, n_pages, n_cand, max_pages, scale, resi
     they vectorise.
     """
     table, token_page, fill, _, centroids, page_keys, _ = arrays
-    page_radius = nodes.page_radius
+    page_node, radii = nodes.page_node, nodes.radii
     kv_heads, group, dim = queries.shape
     page_size = page_keys.shape[2]
     k = min(max_pages, n_cand)
@@ -676,7 +675,7 @@ def search_pages(queries, arrays, nodes, n_pages, n_cand, max_pages, scale, resi
                 for j in range(dim):
                     norm += q[g, j] * q[g, j]
                 norms[g] = np.sqrt(norm)
-            _best_of_group_and_bound(partial, norms, page_radius[h], fill[h], n_pages, score, bound)
+            _best_of_group_and_bound(partial, norms, radii[h], page_node[h], fill[h], n_pages, score, bound)
         else:
             _best_of_group(partial, fill[h], n_pages, -np.inf, score)
         for p in range(min(pinned, n_pages)):  # always candidates, whatever their centroid says
@@ -705,7 +704,7 @@ def search_pages_descent(queries, arrays, nodes, n_pages, n_cand, max_pages, sca
     followed pages (`follow_from`, as in `search_pages`) come first. Returns the pages `[kv, k]` and the number of nodes
     scored, summed over the heads."""
     table, token_page, fill, _, _, page_keys, _ = arrays
-    node_parent, first_child, next_sibling, node_page, page_node, nsums, counts, centers, radii, n_nodes = nodes[:10]
+    node_parent, first_child, next_sibling, node_page, page_node, nsums, counts, centers, radii, n_nodes = nodes
     kv_heads, group, dim = queries.shape
     page_size = page_keys.shape[2]
     k = min(max_pages, n_cand)

@@ -36,8 +36,6 @@ class TreeNodes(NamedTuple):
     centers: np.ndarray  # [kv, nodes, head_dim] float32: sums / counts
     radii: np.ndarray  # [kv, nodes] float64: bounds |k - center| for every key k below
     count: np.ndarray  # [kv] int64: nodes in use per head
-    page_radius: np.ndarray  # [kv, page capacity] float64: each page's leaf radius, in page order (the scan
-    # reads every page's, as one contiguous stream rather than a gather through `page_node`)
 
     @staticmethod
     def allocate(kv_heads: int, page_capacity: int, head_dim: int) -> "TreeNodes":
@@ -47,7 +45,7 @@ class TreeNodes(NamedTuple):
         return TreeNodes(*links, np.full((kv_heads, page_capacity), -1, dtype=np.int64),
                          np.zeros((kv_heads, cap, head_dim)), np.zeros((kv_heads, cap), dtype=np.int64),
                          np.zeros((kv_heads, cap, head_dim), dtype=np.float32), np.zeros((kv_heads, cap)),
-                         np.zeros(kv_heads, dtype=np.int64), np.zeros((kv_heads, page_capacity)))
+                         np.zeros(kv_heads, dtype=np.int64))
 
 
 @numba.njit(cache=True)
@@ -65,9 +63,8 @@ def _new_node(h, parent, page, node_parent, first_child, next_sibling, node_page
 
 
 @numba.njit(cache=True)
-def leaf_stats(h, node, page, fill, page_keys, sums, counts, centers, radii, page_radius):
-    """Exact sum, count, centre and radius of one leaf from its page's keys (the radius also into
-    `page_radius[h, page]`)."""
+def leaf_stats(h, node, page, fill, page_keys, sums, counts, centers, radii):
+    """Exact sum, count, centre and radius of one leaf from its page's keys."""
     d = centers.shape[2]
     used = fill[h, page]
     sums[h, node] = 0.0
@@ -78,7 +75,6 @@ def leaf_stats(h, node, page, fill, page_keys, sums, counts, centers, radii, pag
     for j in range(d):
         centers[h, node, j] = sums[h, node, j] / max(used, 1)
     radii[h, node] = _farthest(h, page, page + 1, fill, page_keys, centers[h, node])
-    page_radius[h, page] = radii[h, node]
 
 
 @numba.njit(cache=True)
@@ -103,8 +99,7 @@ def build_nodes(h, group_starts, n_pages, fill, page_keys, nodes):
     as the balanced layout split them (left = half the pages, rounded down). Radii are exact. With
     k-means top levels (`depth > 0`) the groups' own splits are not mirrored: halves of a page range are
     still valid nodes (a bound holds for any grouping), only looser."""
-    node_parent, first_child, next_sibling, node_page, page_node, sums, counts, centers, radii, n_nodes = nodes[:10]
-    page_radius = nodes.page_radius
+    node_parent, first_child, next_sibling, node_page, page_node, sums, counts, centers, radii, n_nodes = nodes
     n_nodes[h] = 0
     root = _new_node(h, -1, -1, node_parent, first_child, next_sibling, node_page, n_nodes)
     cap = node_parent.shape[1]
@@ -136,7 +131,7 @@ def build_nodes(h, group_starts, n_pages, fill, page_keys, nodes):
     for node in range(n_nodes[h] - 1, -1, -1):
         if node_page[h, node] >= 0:
             page_node[h, node_page[h, node]] = node
-            leaf_stats(h, node, node_page[h, node], fill, page_keys, sums, counts, centers, radii, page_radius)
+            leaf_stats(h, node, node_page[h, node], fill, page_keys, sums, counts, centers, radii)
             continue
         sums[h, node] = 0.0
         counts[h, node] = 0
