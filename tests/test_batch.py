@@ -16,8 +16,8 @@ def test_left_padding_from_bool_and_float_masks():
     additive = torch.zeros(3, 1, 5, 8).masked_fill(~allowed, torch.finfo(torch.float32).min)
     assert left_padding(additive, 3, 8) == [0, 2, 4]
     assert left_padding(None, 2, 8) == [0, 0]
-    with pytest.raises(ValueError, match="prefill_chunk_size"):
-        left_padding(torch.zeros(1, 1, 2, 4, dtype=torch.bool), 1, 4)
+    # padding longer than a prefill chunk: unknown (None) until a chunk shows a real token
+    assert left_padding(allowed, 3, 3) == [0, 2, None]
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,28 @@ def test_padded_batch_gives_each_prompt_its_own_answer(smollm, prompts, padded, 
         if layer.kind == "sparse":
             assert layer.tokens == lengths[layer.sequence] + 7
             assert layer.device_kv_bytes <= (64 + 32) / layer.tokens * layer.full_kv_bytes
+
+
+@pytest.mark.model
+def test_padding_longer_than_a_prefill_chunk(smollm, prompts, padded):
+    """A chunked prefill whose first chunks are all padding for the shorter prompts: each sequence learns its
+    padding when a chunk shows its first token, and answers as it does alone."""
+    model, tok = smollm
+    chunk = 48
+    lengths = padded.attention_mask.sum(1).tolist()
+    assert padded.input_ids.shape[1] - min(lengths) > 2 * chunk  # two whole chunks of padding for one prompt
+    runtime = icecache.IceRuntime(index="tree", budget=64)
+    cache = runtime.new_cache(model)
+    out = model.generate(**padded, cache=cache, max_new_tokens=8, do_sample=False, prefill_chunk_size=chunk)
+    new = out[:, padded.input_ids.shape[1]:]
+    for b, prompt in enumerate(prompts):
+        ids = tok(prompt, return_tensors="pt").input_ids
+        alone = model.generate(ids, cache=icecache.IceRuntime(index="tree", budget=64).new_cache(model),
+                               max_new_tokens=8, do_sample=False, prefill_chunk_size=chunk)
+        assert torch.equal(new[b], alone[0, ids.shape[1]:]), f"sequence {b}"
+    for layer in runtime.report(cache).layers:
+        if layer.kind == "sparse":
+            assert layer.tokens == lengths[layer.sequence] + 7  # no pad stored
 
 
 @pytest.mark.model

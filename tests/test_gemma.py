@@ -57,3 +57,23 @@ def test_pass_key_at_small_budget_with_global_layers_within_budget(gemma):
     for layer in runtime.report(cache).layers:
         if layer.kind == "sparse":
             assert layer.device_kv_bytes <= (64 + 32) / layer.tokens * layer.full_kv_bytes
+
+
+def test_padded_batch_across_the_sliding_window_matches_each_prompt_alone(gemma):
+    """Three prompts of 530-1400 tokens (past the 512-token window), left-padded, prefilled in chunks shorter
+    than the longest padding, with a budget covering them: each sequence's greedy tokens are full KV's for
+    that prompt alone."""
+    model, tok = gemma
+    text = default_prose()
+    prompts = [text[:2600], text[5000:9500], text[12000:18500]]
+    tok.padding_side = "left"
+    padded = tok(prompts, return_tensors="pt", padding=True)
+    lengths = padded.attention_mask.sum(1).tolist()
+    assert min(lengths) > 512 and padded.input_ids.shape[1] - min(lengths) > 512
+    cache = icecache.IceRuntime(index="tree", budget=max(lengths) + 16).new_cache(model)
+    out = model.generate(**padded, cache=cache, max_new_tokens=8, do_sample=False, prefill_chunk_size=512)
+    new = out[:, padded.input_ids.shape[1]:]
+    for b, prompt in enumerate(prompts):
+        ids = tok(prompt, return_tensors="pt").input_ids
+        alone = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:]
+        assert torch.equal(new[b], alone), f"sequence {b}"

@@ -28,10 +28,10 @@ class IceCacheLayer(CacheLayerMixin):
     """A transformers cache layer: one `SparseLayer` per sequence of the batch (created at the first update),
     each with its own host tier, index, device tier and budget.
 
-    Left padding (a padded batch, `attention_mask` with zeros in front) is learnt from the first prefill
-    chunk's mask: each sequence drops its padding tokens, so its sink is its own first real tokens and its
-    index never holds a pad. The layer still counts padded positions (`get_seq_length`), as transformers'
-    masks do.
+    Left padding (a padded batch, `attention_mask` with zeros in front) is learnt from the prefill chunks'
+    masks (a long padding can fill whole chunks of a chunked prefill): each sequence drops its padding tokens,
+    so its sink is its own first real tokens and its index never holds a pad. The layer still counts padded
+    positions (`get_seq_length`), as transformers' masks do.
     """
 
     is_compileable = False
@@ -42,7 +42,8 @@ class IceCacheLayer(CacheLayerMixin):
         self._make_layer = make_layer
         self.leader = leader  # layer reuse: each sequence shares the leader's index and page choice
         self.rows: list[SparseLayer] = []  # one per sequence, in batch order
-        self.padding: list[int] | None = None  # left-padding tokens per sequence, once the prefill mask told
+        # left-padding tokens per sequence, once a prefill mask told (None: every position so far is padding)
+        self.padding: list[int | None] | None = None
         self.length = 0  # positions per sequence, padding included
         self.decoding = False  # True between update() and attention() of a one-token step
 
@@ -72,6 +73,10 @@ class IceCacheLayer(CacheLayerMixin):
                 "this model's attention does not pass its kwargs to cache.update(); IceRuntime supports "
                 "transformers >= 5 decoders that do (Llama, Mistral, Qwen2/3, SmolLM2, Gemma 3)"
             )
+        if key_states.shape[2] == 1 and self.length and self.padding and None in self.padding:
+            raise ValueError(f"sequence {self.padding.index(None)} of the batch had only padding in its prefill "
+                             "chunks (attention_mask 0 throughout): give every sequence a token before decoding; "
+                             "nothing was stored")
         if not key_states.is_floating_point() or not all_finite(key_states):
             raise ValueError(f"key_states must be finite floating-point values (got dtype {key_states.dtype}, "
                              "with NaN/inf or non-float entries); nothing was stored")
@@ -102,18 +107,23 @@ class IceCacheLayer(CacheLayerMixin):
         return k.to(device), v.to(device)
 
     def note_prefill(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None) -> None:
-        """After a prefill chunk's dense attention: learn each sequence's left padding from the first chunk's
-        mask (and drop those tokens), and keep each sequence's newest queries for its index build."""
+        """After a prefill chunk's dense attention: learn each sequence's left padding from the mask (and drop
+        those tokens) once a chunk shows where it ends, and keep each sequence's newest real queries for its
+        index build."""
         chunk = query.shape[2]
-        if self.padding is None:
-            self.padding = left_padding(attention_mask, len(self.rows), chunk)
-            for row, pad in zip(self.rows, self.padding):
-                if pad:
-                    row.drop_first(pad)
-        first_chunk = self.length == chunk
+        start = self.length - chunk  # position of the chunk's first query
+        if self.padding is None or None in self.padding:
+            seen = left_padding(attention_mask, len(self.rows), self.length)
+            before = self.padding or [None] * len(self.rows)
+            self.padding = [old if old is not None else new for old, new in zip(before, seen)]
+            for row, old, new in zip(self.rows, before, self.padding):
+                if old is None and new:
+                    row.drop_first(new)  # nothing is placed before the first decode step
         for b, row in enumerate(self.rows):
-            skip = self.padding[b] if first_chunk else 0
-            row.note_prefill_queries(query[b, :, skip:], scaling)
+            pad = self.padding[b]
+            if pad is None or pad >= start + chunk:
+                continue  # this chunk is all padding for this sequence
+            row.note_prefill_queries(query[b, :, max(pad - start, 0):], scaling)
 
     def get_seq_length(self) -> int:
         return self.length
@@ -140,18 +150,17 @@ class IceCacheLayer(CacheLayerMixin):
         raise NotImplementedError("select from an IceCache, not one of its layers")
 
 
-def left_padding(attention_mask: torch.Tensor | None, batch: int, chunk: int) -> list[int]:
-    """Leading masked key positions per sequence, read off the last query row of a first prefill chunk's
-    4-D mask (bool: True = attend; float: 0 = attend). None (no mask): no padding."""
+def left_padding(attention_mask: torch.Tensor | None, batch: int, keys: int) -> list[int | None]:
+    """Leading masked positions among the first `keys` key positions, per sequence, read off the last query
+    row of a prefill chunk's 4-D mask (bool: True = attend; float: 0 = attend); None for a sequence with every
+    one of them masked (its padding goes on into the next chunk). No mask: no padding."""
     if attention_mask is None:
         return [0] * batch
-    last = attention_mask[..., -1, :chunk]  # [batch or 1, 1, chunk]
+    last = attention_mask[..., -1, :keys]  # [batch or 1, 1, keys]
     allowed = last if last.dtype == torch.bool else last == 0
     allowed = allowed.reshape(allowed.shape[0], -1).expand(batch, -1)
-    if not bool(allowed.any(1).all()):
-        raise ValueError("a sequence is all padding in the first prefill chunk: use a larger prefill_chunk_size "
-                         "than the longest left padding")
-    return [int(i) for i in allowed.to(torch.int8).argmax(1).tolist()]
+    first = allowed.to(torch.int8).argmax(1).tolist()
+    return [int(i) if any_allowed else None for i, any_allowed in zip(first, allowed.any(1).tolist())]
 
 
 class GrowingLayer(DynamicLayer):
