@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from .bench.cli import check_rows, positive_int
+from .bench.cli import check_rows, positive_int, prose_file, read_prose
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -17,8 +17,9 @@ def _demo(args: argparse.Namespace) -> int:
     from .runtime.budget import describe_rules, resolved_rules
 
     rows = run_demo(samples=args.samples, context_tokens=args.context, budgets=args.budgets,
-                    indexes="all" if args.all_indexes else args.indexes, model_name=args.model)
-    print(f"\nPass-key retrieval, ~{args.context}-token contexts from pydoc_data prose, "
+                    indexes="all" if args.all_indexes else args.indexes, model_name=args.model,
+                    prose=read_prose(args.prose))
+    print(f"\nPass-key retrieval, ~{args.context}-token contexts from {args.prose or 'pydoc_data'} prose, "
           f"{model_spec(args.model).title} (sink 16, {describe_rules(resolved_rules(args.budgets))}; 'device KV' = K/V resident on the "
           f"device tier over all layers, 'sparse layers' = over the layers icecache retrieves for)\n")
     print(format_table(rows))
@@ -31,7 +32,7 @@ def _demo(args: argparse.Namespace) -> int:
 
         path = write_json(f"{args.out}/demo.json", {
             "benchmark": "demo", "environment": environment(), "wall_seconds": wall,
-            "settings": {"model": args.model, "context": args.context, "samples": args.samples,
+            "settings": {"model": args.model, "context": args.context, "samples": args.samples, "prose": args.prose,
                          "budgets": args.budgets, "indexes": sorted({r.method for r in rows} - {"full KV"}),
                          "window": None, "page_size": None,  # the default rule, and what it resolved to
                          "rules": resolved_rules(args.budgets)},
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="index names or specs NAME:OPTION=VALUE,... (default: the default index and exact)")
     demo.add_argument("--all-indexes", action="store_true", help="every available index (about 6 minutes at 4k)")
     demo.add_argument("--out", default=None, help="also write the rows to OUT/demo.json")
+    demo.add_argument("--prose", default=None, type=prose_file,
+                      help="a UTF-8 text file for the haystacks (default: Python's pydoc_data prose)")
     from .models import DEFAULT_MODEL, available_models
 
     demo.add_argument("--model", default=DEFAULT_MODEL, choices=available_models(),

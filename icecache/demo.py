@@ -35,9 +35,10 @@ class DemoRow:
 
 def run_demo(samples: int = 6, context_tokens: int = 4096, budgets=(64, 128, 256), indexes=None,
              max_new_tokens: int = 8, model=None, tokenizer=None, seed: int = 0,
-             model_name: str = "smollm2-135m") -> list[DemoRow]:
+             model_name: str = "smollm2-135m", prose: str | None = None) -> list[DemoRow]:
     """Answer `samples` pass-key questions with full KV and every (index, budget); returns one row each.
-    `indexes`: default `DEMO_INDEXES`; `"all"` for every available index.
+    `indexes`: default `DEMO_INDEXES`; `"all"` for every available index. `prose`: the haystack text
+    (default `icecache.tasks.default_prose()`, at least 50 sentences).
 
     One dense prefill per question is shared by every runtime (`IceRuntime.new_cache(prefill=...)`),
     so the comparison differs only in decode-time retrieval.
@@ -47,7 +48,7 @@ def run_demo(samples: int = 6, context_tokens: int = 4096, budgets=(64, 128, 256
     if model is None:
         model, tokenizer = load_model(model_name)
     indexes = list(available_indexes() if indexes == "all" else indexes or DEMO_INDEXES)
-    builder = TaskBuilder(tokenizer, frame="inline" if model_spec(model_name).instruct else "qa")
+    builder = TaskBuilder(tokenizer, prose, frame="inline" if model_spec(model_name).instruct else "qa")
     rows = {("full KV", "all"): DemoRow("full KV", "all")}
     for name in indexes:
         for b in budgets:

@@ -19,11 +19,33 @@ def test_demo_shows_the_default_index_beside_full_kv_and_exact(smollm):
     assert "| tree" in format_table(rows)
 
 
+def test_demo_reads_the_haystacks_from_a_text_file(smollm, tmp_path, capsys, monkeypatch):
+    import icecache.models
+    from icecache.cli import main
+    from icecache.tasks import numpy_prose
+
+    prose = tmp_path / "prose.txt"
+    prose.write_text(numpy_prose(), encoding="utf-8")
+    monkeypatch.setattr(icecache.models, "load_model", lambda name: smollm)
+    import icecache.demo
+
+    built_from = []
+    real_builder = icecache.demo.TaskBuilder
+    monkeypatch.setattr(icecache.demo, "TaskBuilder",
+                        lambda tok, prose, frame: built_from.append(prose) or real_builder(tok, prose, frame))
+    assert main(["demo", "--prose", str(prose), "--samples", "1", "--context", "600", "--budgets", "64"]) == 0
+    assert built_from == [numpy_prose()]
+    out = capsys.readouterr().out
+    assert f"from {prose} prose" in out and "| full KV" in out and "| exact" in out
+
+
 
 @pytest.mark.parametrize("argv, message", [
     (["demo", "--budgets", "8"], "budget=8 is smaller than sink + window"),
     (["demo", "--indexes", "tree:peak_pages=-1"], "peak_pages must be an int >= 0, got -1"),
     (["demo", "--context", "0"], "argument --context: must be >= 1, got 0"),
+    (["demo", "--prose", "no/such/prose.txt"], "argument --prose: cannot read 'no/such/prose.txt'"),
+    (["bench", "tasks", "--prose", "no/such/prose.txt"], "argument --prose: cannot read 'no/such/prose.txt'"),
     (["bench", "tasks", "--indexes", "tree:bogus=1"], "unknown option(s) ['bogus'] for index 'tree'"),
     (["bench", "recall", "--budgets", "64", "--window", "100"], "use budget >= 116"),
     (["bench", "latency", "--page-size", "0"], "page_size must be >= 1, got 0"),

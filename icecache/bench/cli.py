@@ -19,6 +19,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+def prose_file(text: str) -> str:
+    """argparse type for `--prose`: a readable UTF-8 text file (haystack prose), checked before any model loads."""
+    try:
+        Path(text).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r} as a UTF-8 text file ({error})") from None
+    return text
+
+
 def check_rows(indexes: list[str] | None, budgets: list[int], **rule) -> None:
     """Make every row's runtime once (index spec, options, budget rule), so that a bad one fails with the
     runtime's own message before any model loads. `indexes` None: every registered index."""
@@ -54,8 +63,9 @@ def _add_model_option(parser: argparse.ArgumentParser, extra: tuple[str, ...] = 
                              + ("; random-*: random weights of a named shape, for timing" if extra else ""))
 
 
-def _read_prose(path: str | None) -> str | None:
-    return Path(path).read_text() if path else None
+def read_prose(path: str | None) -> str | None:
+    """The text of a `--prose` file (None: none given)."""
+    return Path(path).read_text(encoding="utf-8") if path else None
 
 
 def _finish(args: argparse.Namespace, name: str, result: dict, start: float, text: str, plot=None) -> int:
@@ -79,7 +89,7 @@ def _recall(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model, tokenizer = _load_model(args)
     result = run_recall(model, tokenizer, contexts=args.contexts, budgets=args.budgets, indexes=args.indexes,
-                        steps=args.steps, layers=args.layers, prose=_read_prose(args.prose), source=args.source,
+                        steps=args.steps, layers=args.layers, prose=read_prose(args.prose), source=args.source,
                         sink=args.sink, window=args.window, page_size=args.page_size)
     result["settings"]["model"] = args.model
     return _finish(args, "recall", result, start, format_recall(result), plot_recall)
@@ -108,7 +118,7 @@ def _tasks(args: argparse.Namespace) -> int:
 
     model, tokenizer = _load_model(args)
     result = run_tasks(model, tokenizer, kinds=args.kinds, contexts=args.contexts, depths=args.depths,
-                       budgets=args.budgets, indexes=args.indexes, seed=args.seed, prose=_read_prose(args.prose),
+                       budgets=args.budgets, indexes=args.indexes, seed=args.seed, prose=read_prose(args.prose),
                        runtime_options={"select_every": args.select_every, "sink": args.sink,
                                         "window": args.window, "page_size": args.page_size}, frame=_frame(args),
                        questions=args.questions, sources=args.sources, resume=resume, checkpoint=checkpoint)
@@ -222,7 +232,7 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     recall.add_argument("--layers", type=int, nargs="+", default=None, help="default: every 3rd sparse layer")
     recall.add_argument("--source", default="pydoc", choices=PROSE_SOURCES,
                         help="haystack prose by name (default pydoc; torch: text no default was tuned on)")
-    recall.add_argument("--prose", default=None, help="a text file to use instead of a named --source")
+    recall.add_argument("--prose", default=None, type=prose_file, help="a text file to use instead of a named --source")
     recall.add_argument("--sink", type=int, default=16, help="first tokens always attended (budget rule)")
     recall.add_argument("--window", type=int, default=None,
                         help="most recent tokens always attended (budget rule; default 32, 16 under budget 128)")
@@ -246,7 +256,7 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
                        help="haystack prose, taken in turn per question")
     tasks.add_argument("--indexes", nargs="+", default=None, help=INDEX_SPEC_HELP)
     tasks.add_argument("--seed", type=int, default=0)
-    tasks.add_argument("--prose", default=None, help="a text file to use instead of pydoc_data prose")
+    tasks.add_argument("--prose", default=None, type=prose_file, help="a text file to use instead of pydoc_data prose")
     tasks.add_argument("--select-every", type=int, default=1,
                        help="layers sharing one page selection (IceCache(r) layer reuse)")
     tasks.add_argument("--sink", type=int, default=16, help="first tokens always attended (budget rule)")
