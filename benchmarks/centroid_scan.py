@@ -2,7 +2,8 @@
 group, timed three ways on random data of the embedded model's shape (28 sparse layers x 3 KV heads, group 3,
 head dim 64), each layer's centroids cold as inside a decode step (a 64 MB sweep between passes):
 
-- `columns`: the loop in `_tree_kernels.search_pages` (a centroid column decoded, then one 1-D row per query);
+- `columns`: `_tree_kernels.score_leaves`, the search's own loop (a centroid column decoded, then one 1-D row
+  per query);
 - `blocks`: the same sums over blocks of pages kept in L1 (the same order per page, so the same bits);
 - `bf16 matmul` / `hi-lo matmul`: `torch.bmm` in bfloat16 (oneDNN), the query rounded to bfloat16 or split into
   two bfloat16 halves; other sums, so not the same scores.
@@ -19,23 +20,10 @@ import numba
 import numpy as np
 import torch
 
-from icecache.index._tree_kernels import _decode_bf16, _encode_bf16
+from icecache.index._tree_kernels import _encode_bf16, score_leaves
 from icecache.index._tree_nodes import _FAST
 
 LAYERS, KV_HEADS, GROUP, DIM = 28, 3, 3, 64
-
-
-@numba.njit(fastmath=_FAST)
-def scan_columns(q, centroids, h, n_pages, partial, scratch):
-    group, dim = q.shape
-    partial[:] = 0.0
-    for j in range(dim):
-        column = _decode_bf16(centroids[h, j, :n_pages], scratch)
-        for g in range(group):
-            qj = q[g, j]
-            row = partial[g]
-            for p in range(n_pages):
-                row[p] += qj * column[p]
 
 
 @numba.njit(fastmath=_FAST)
@@ -84,7 +72,7 @@ def main() -> None:
         scratch = np.empty(max(n_pages, args.block), np.uint32)
         for layer in range(LAYERS):
             for h in range(KV_HEADS):
-                scan_columns(queries[layer, h], bits[layer], h, n_pages, partial, scratch)
+                score_leaves(queries[layer, h], bits[layer], h, n_pages, partial, scratch)
                 scan_blocks(queries[layer, h], bits[layer], h, n_pages, other, scratch, args.block)
                 assert np.array_equal(partial.view(np.uint32), other.view(np.uint32)), "blocks changed the sums"
         centroids = [torch.from_numpy(bits[layer]).view(torch.bfloat16) for layer in range(LAYERS)]
@@ -93,7 +81,7 @@ def main() -> None:
         def columns():
             for layer in range(LAYERS):
                 for h in range(KV_HEADS):
-                    scan_columns(queries[layer, h], bits[layer], h, n_pages, partial, scratch)
+                    score_leaves(queries[layer, h], bits[layer], h, n_pages, partial, scratch)
 
         def blocks():
             for layer in range(LAYERS):

@@ -603,6 +603,23 @@ def _best_of_group_and_bound(partial, norms, radii, page_node, fill, n_pages, sc
         bound[p] = reach if full else _LOWEST
 
 
+@numba.njit(cache=True, fastmath=_FAST)
+def score_leaves(q, centroids, h, n_pages, partial, scratch):
+    """Writes `q_g . centroid_p` into `partial` `[group, >= n_pages]` for the first `n_pages` leaves of KV
+    head `h`: q `[group, dim]` float32, centroids `[kv, dim, pages]` bfloat16 bits column by column (so one
+    dimension of every leaf is one contiguous read), `scratch` `[>= n_pages]` uint32 for one decoded column.
+    The search's first stage and, at 32k, most of its memory traffic (`benchmarks/centroid_scan.py`)."""
+    group, dim = q.shape
+    partial[:, :n_pages] = 0.0
+    for j in range(dim):
+        column = _decode_bf16(centroids[h, j, :n_pages], scratch)
+        for g in range(group):
+            qj = q[g, j]
+            row = partial[g]
+            for p in range(n_pages):
+                row[p] += qj * column[p]
+
+
 @numba.njit(cache=True)
 def _followed_pages(table, token_page, h, page, out):
     """Writes into `out` `[page_size]` the pages holding the successors (position + 1) of the tokens of
@@ -659,14 +676,7 @@ def search_pages(queries, arrays, nodes, n_pages, n_cand, max_pages, scale, resi
     for h in range(kv_heads):
         q = queries[h]
         # 1) centroid score of every leaf, max over the group's query heads
-        partial[:] = 0.0
-        for j in range(dim):
-            column = _decode_bf16(centroids[h, j, :n_pages], scratch)
-            for g in range(group):
-                qj = q[g, j]
-                row = partial[g]
-                for p in range(n_pages):
-                    row[p] += qj * column[p]
+        score_leaves(q, centroids, h, n_pages, partial, scratch)
         if n_bound > 0:
             # 2) and the bound on each leaf's best token, `q . c + |q| r`, in the same pass: a page clustered
             # with dissimilar keys can hold the one token a step needs, far below its centroid's rank
