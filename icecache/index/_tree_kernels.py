@@ -215,12 +215,9 @@ def _nearest_leaf(point, h, n_pages, fill, sums, centroids, route, max_norm_sq, 
     `[d + 1]`, ties to the lowest page id; -1 when no page holds a token. `approx` `[>= n_pages]` float32 and
     `scratch` `[>= n_pages]` uint32 are scratch."""
     head_dim = centroids.shape[1]
-    approx[:n_pages] = 0.0
-    for j in range(head_dim):
-        column = _decode_bf16(centroids[h, j, :n_pages], scratch)
-        xj = point[j]
-        for p in range(n_pages):
-            approx[p] += xj * column[p]
+    # `x . c` of every leaf: the search's scan for a group of one query
+    score_leaves(point[:head_dim].reshape((1, head_dim)), centroids, h, n_pages,
+                 approx[:n_pages].reshape((1, n_pages)), scratch)
     norm = np.float32(0.0)
     for j in range(head_dim):
         norm += point[j] * point[j]
