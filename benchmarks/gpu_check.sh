@@ -7,8 +7,9 @@ PY=${PYTHON:-.venv/bin/python}
 OUT_DIR=${OUT:-benchmarks/gpu}
 mkdir -p "$OUT_DIR"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT_DIR/device.txt"
-# 1) the kernel tests natively (same tests as the CPU interpreter runs)
-"$PY" -m pytest -q tests/test_kernel.py | tee "$OUT_DIR/test_kernel.txt"
+# 1) the kernel tests natively (same tests as the CPU interpreter runs), then the runtime on CUDA: a layer gives
+#    what it gives on the CPU, and its step waits for the GPU only where data must cross (every index)
+"$PY" -m pytest -q tests/test_kernel.py tests/test_cuda_syncs.py | tee "$OUT_DIR/test_kernel.txt"
 # 2) kernel vs SDPA over the same gathered tokens vs dense decode; bandwidth vs copy bandwidth
 "$PY" -m icecache bench kernel --out "$OUT_DIR" | tee "$OUT_DIR/kernel.txt"
 # 3) decode time per token vs context, full KV beside IceCache, Llama-8B shape with random weights

@@ -42,3 +42,35 @@ def test_budget_covering_the_context_reproduces_full_kv(arch, index):
     out = model.generate(prompt, cache=cache, max_new_tokens=10, do_sample=False)
     assert torch.equal(out, expected)
     assert cache.sparse_layers and all(layer.index.num_tokens > 0 for layer in cache.sparse_layers)
+
+
+def test_non_finite_keys_are_refused_with_every_sequence_intact():
+    """A decode step whose keys hold a NaN in one sequence of the batch stores nothing in any sequence (the
+    keys are checked in the host tier before a single one is kept), and decoding then goes on exactly as
+    without the refused call; a first call refused leaves the layer as if never called."""
+    model, prompt, _ = tiny("llama")
+    runtime = icecache.IceRuntime(index="tree", budget=48, page_size=4, sink=4, window=8, dense_layers=1)
+    cache, control = runtime.new_cache(model), runtime.new_cache(model)
+    batch = torch.cat([prompt, prompt.flip(1)])
+    with torch.no_grad():
+        model(batch, past_key_values=cache)
+        model(batch, past_key_values=control)
+    layer = cache.layers[1]
+    stored = [row.num_tokens for row in layer.rows]
+    keys = torch.randn(2, 2, 1, 16)
+    keys[1, 0, 0, 3] = float("nan")
+    with pytest.raises(ValueError, match="finite.*nothing was stored"):
+        cache.update(keys, torch.randn(2, 2, 1, 16), 1, kwargs={})
+    assert [row.num_tokens for row in layer.rows] == stored and layer.get_seq_length() == prompt.shape[1]
+    step = torch.tensor([[5], [7]])
+    for _ in range(4):  # decoding goes on as in a cache that never saw the refused call
+        with torch.no_grad():
+            ours = model(step, past_key_values=cache).logits[:, -1]
+            theirs = model(step, past_key_values=control).logits[:, -1]
+        assert torch.equal(ours, theirs)
+        step = ours.argmax(-1, keepdim=True)
+
+    empty = runtime.new_cache(model)
+    with pytest.raises(ValueError, match="finite"):
+        empty.update(torch.full((1, 2, 3, 16), float("inf")), torch.zeros(1, 2, 3, 16), 1, kwargs={})
+    assert not empty.layers[1].is_initialized and empty.layers[1].rows == []

@@ -315,7 +315,8 @@ class TokenIndex(ABC):
         """Best pages for decode `queries` `[kv_heads, group, head_dim]`; `context` (optional) carries the
         resident log-sum-exp and the model's scale (`SearchContext`).
 
-        Returns a LongTensor `[kv_heads, max_pages]` of page ids, best first, `-1` where fewer are returned.
+        Returns a LongTensor `[kv_heads, max_pages]` of page ids, best first, `-1` where fewer are returned,
+        in host memory or on the queries' device (wherever the index searched: the runtime plans on the host).
         """
         self._require_built()
         check_queries(queries, self.head_dim, self.kv_heads)
@@ -389,7 +390,8 @@ class TokenIndex(ABC):
     @abstractmethod
     def _search(self, queries: torch.Tensor, max_pages: int, context: SearchContext) -> torch.Tensor:
         """`[kv_heads, <= max_pages]` page ids for `queries` `[kv_heads, group, head_dim]`, best first, no
-        page twice (the base class pads to `max_pages` with -1)."""
+        page twice (the base class pads to `max_pages` with -1); in host memory or on the queries' device,
+        wherever the search ran (a host-side index returns them where it computed them: no copy back)."""
 
     def _require_built(self) -> None:
         if self.kv_heads is None:

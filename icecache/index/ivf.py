@@ -160,7 +160,7 @@ class IvfIndex(TokenIndex):
         return torch.unique(torch.cat(changed)).cpu()
 
     def _insert(self, keys: torch.Tensor, start: int) -> torch.Tensor:
-        self.keys.append(keys.float().to(self.keys.view.device))
+        self.keys.append(keys.float())
         end = start + keys.shape[1]
         if self._lists == 0:  # built with no tokens: the first tokens train the lists
             self._train(self.keys.view[:, start:end])

@@ -29,7 +29,7 @@ class GrowingBuffer:
             grown = self._data.new_empty((self._data.shape[0], max(need, self._data.shape[1] * 9 // 8), self._data.shape[2]))
             grown[:, : self.length] = self._data[:, : self.length]
             self._data = grown
-        self._data[:, self.length : need] = rows
+        self._data[:, self.length : need].copy_(rows, non_blocking=True)  # from the pinned host tier on CUDA
         self.length = need
 
     @property

@@ -462,7 +462,7 @@ class TreeIndex(TokenIndex):
         if self.options.follow_copy:
             self._follow_from = best[:, 0].copy()
         self._last_rescored = n_cand * self.page_size
-        return torch.from_numpy(best).to(queries.device)
+        return torch.from_numpy(best)  # host memory, where the runtime plans the step
 
     @property
     def num_nodes(self) -> int:

@@ -21,5 +21,6 @@ class WindowIndex(TokenOrderIndex):
 
     def _search(self, queries: torch.Tensor, max_pages: int, context: SearchContext) -> torch.Tensor:
         n_pages = self.num_pages
-        newest = torch.arange(n_pages - 1, max(n_pages - max_pages, 0) - 1, -1, dtype=torch.long, device=queries.device)
+        # newest first; made in host memory, where the runtime plans (it reads nothing from the device)
+        newest = torch.arange(n_pages - 1, max(n_pages - max_pages, 0) - 1, -1, dtype=torch.long)
         return newest.unsqueeze(0).expand(self.kv_heads, -1)

@@ -77,13 +77,22 @@ class IceCacheLayer(CacheLayerMixin):
             raise ValueError(f"sequence {self.padding.index(None)} of the batch had only padding in its prefill "
                              "chunks (attention_mask 0 throughout): give every sequence a token before decoding; "
                              "nothing was stored")
-        if not key_states.is_floating_point() or not all_finite(key_states):
-            raise ValueError(f"key_states must be finite floating-point values (got dtype {key_states.dtype}, "
-                             "with NaN/inf or non-float entries); nothing was stored")
-        if not self.is_initialized:
+        if not key_states.is_floating_point():
+            raise ValueError(f"key_states must be finite floating-point values, got dtype {key_states.dtype}; "
+                             "nothing was stored")
+        first = not self.is_initialized
+        if first:
             self.lazy_initialization(key_states, value_states)
-        for b, row in enumerate(self.rows):
-            row.store(key_states[b], value_states[b])
+        # copied to each sequence's host tier first and checked there (on CUDA, one wait for the GPU per layer
+        # and step instead of two), kept only once every sequence's keys are finite
+        staged = [row.host.stage(key_states[b], value_states[b]) for b, row in enumerate(self.rows)]
+        if not all(all_finite(keys) for keys in staged):
+            if first:
+                self.reset()
+            raise ValueError(f"key_states must be finite floating-point values (got dtype {key_states.dtype}, "
+                             "with NaN/inf entries); nothing was stored")
+        for row in self.rows:
+            row.host.commit(key_states.shape[2])
         before, self.length = self.length, self.length + key_states.shape[2]
         kwargs[_LAYER_KWARG] = self
         self.decoding = key_states.shape[2] == 1 and before > 0

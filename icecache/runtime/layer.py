@@ -4,7 +4,7 @@
                     go to the device tier, everything between them builds the index
     decode step  -> admit the new token (the window's oldest token moves into the index)
                  -> select: the index picks pages for this step's queries
-                 -> plan (`DecodePlan`): pages -> retrieval slots, and the misses' token positions
+                 -> plan (`DecodePlan`, on the host): pages -> retrieval slots, the misses' token positions
                  -> load: only pages not already on the device move, through one staging buffer
                  -> attend: gather attention over sink + window + selected pages
                  -> with layer reuse, a leader then hands its plan to its followers, which start loading
@@ -44,6 +44,9 @@ class DecodePlan:
         slots: `[kv_heads, max_pages]` the retrieval slot each selected page occupies this step.
         load_heads, load_slots, load_pages: `[m]` the selected pages not resident yet: KV head, slot, page.
         load_positions: `[m, page_size]` their global token positions in the host tier (-1: empty slot).
+
+    Every tensor is in host memory: the plan is made on the host whatever the device, so planning never
+    waits for a GPU, and the loads gather from the host tier with it directly.
     """
 
     page_ids: torch.Tensor
@@ -166,8 +169,9 @@ class SparseLayer:
         else:
             already = sink + self.index.num_tokens
             if indexed_end > already:
-                # the model's own keys at the position this layer tracks: checked at the public `insert`, not per step
-                changed = self.index._insert_unchecked(self.host.keys(already, indexed_end), already - sink)
+                # the model's own keys at the position this layer tracks: checked at the public `insert`, not per
+                # step; handed over from the host tier, where a host-side index (the tree) keeps them anyway
+                changed = self.index._insert_unchecked(self.host.k[:, already:indexed_end], already - sink)
                 self.tier.invalidate(changed)
                 for follower in self.followers:
                     follower._stale_pages.append(changed)
@@ -234,7 +238,7 @@ class SparseLayer:
             return pages
         if self.index.num_tokens <= self.budget.retrieval_tokens:
             # everything retrievable fits in the budget: keep every page, no search
-            all_pages = torch.arange(self.index.num_pages, dtype=torch.long, device=group_queries.device)
+            all_pages = torch.arange(self.index.num_pages, dtype=torch.long)  # plans are made on the host
             self.tier.grow_retrieval_slots(self.index.num_pages)
             return all_pages.unsqueeze(0).expand(self.kv_heads, -1)
         self.tier.grow_retrieval_slots(self.budget.max_pages)  # once the context outgrows the budget
@@ -244,12 +248,15 @@ class SparseLayer:
         return self.index._search_unchecked(group_queries, self.budget.max_pages, SearchContext(resident, scale))
 
     def plan(self, page_ids: torch.Tensor) -> DecodePlan:
-        """Assign this step's pages to retrieval slots (keeping resident ones) and list what must move."""
-        miss, slot = self.tier.assign(page_ids.to(self.tier.slot_page.device))
+        """Assign this step's pages to retrieval slots (keeping resident ones) and list what must move, on
+        the host: page ids from an index that searches on the device cross once, here (a host-side index,
+        the tree, returns them there)."""
+        page_ids = page_ids.cpu()
+        miss, slot = self.tier.assign(page_ids)
         heads, rank = miss.nonzero(as_tuple=True)
-        missing_pages = page_ids.to(miss.device)[heads, rank]
+        missing_pages = page_ids[heads, rank]
         table = self.index.page_table  # gather the rows where the index keeps them, not the whole table
-        local = table[heads.to(table.device), missing_pages.to(table.device)]  # [m, page_size]
+        local = table[heads.to(table.device), missing_pages.to(table.device)].cpu()  # [m, page_size]
         positions = torch.where(local >= 0, local + self.index_start, local)
         return DecodePlan(page_ids, slot, heads, slot[heads, rank], missing_pages, positions)
 

@@ -40,6 +40,14 @@ class HostTier:
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new tokens `[kv_heads, m, head_dim]` after the existing ones."""
+        self.stage(k, v)
+        self.commit(k.shape[1])
+
+    def stage(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Copy new tokens `[kv_heads, m, head_dim]` in after the stored ones without storing them yet
+        (`commit` does; until then the next `stage` overwrites them). Returns their keys in host memory, so
+        a check can read them there: on CUDA the copy to the host is the step's one wait for the GPU, and a
+        check on the device would be another."""
         need = self.length + k.shape[1]
         if need > self.k.shape[1]:
             # grow by an eighth: amortised appends with at most an eighth unused (growing by half after a
@@ -59,7 +67,11 @@ class HostTier:
         else:
             self.k[:, self.length : need] = k.to(self.k.device)
             self.v[:, self.length : need] = v.to(self.v.device)
-        self.length = need
+        return self.k[:, self.length : need]
+
+    def commit(self, m: int) -> None:
+        """Keep the `m` tokens the last `stage` copied in."""
+        self.length += m
 
     def drop_first(self, n: int) -> None:
         """Forget the first `n` tokens (a sequence's left padding); later positions move down by `n`."""
@@ -70,7 +82,7 @@ class HostTier:
 
     def keys(self, start: int, end: int) -> torch.Tensor:
         """Keys of positions `start .. end - 1` on the compute device, `[kv_heads, end - start, head_dim]`."""
-        return self.k[:, start:end].to(self.device)
+        return self.k[:, start:end].to(self.device, non_blocking=True)  # pinned on CUDA: no wait
 
     def nbytes(self) -> int:
         return 2 * self.length * self.k.shape[0] * self.k.shape[2] * self.k.element_size()
@@ -82,7 +94,9 @@ class DeviceTier:
 
     The first slots hold the resident tokens: the sink, then the window as a ring buffer. The rest are
     retrieval slots, each holding one index page; `slot_page` says which (-1: none), and `active` which
-    slots the current step attends to.
+    slots the current step attends to. `slot_page` is bookkeeping and stays in host memory whatever the
+    device: a step is planned on the host (as vLLM's metadata builders do), so on CUDA planning reads nothing
+    back from the GPU, and the device receives only non-blocking copies (the `active` row, the loaded pages).
     """
 
     def __init__(self, kv_heads: int, head_dim: int, page_size: int, sink: int, window: int,
@@ -95,7 +109,7 @@ class DeviceTier:
         self.k = torch.zeros(kv_heads, slots, page_size, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.filled = torch.zeros(kv_heads, slots, page_size, dtype=torch.bool, device=device)
-        self.slot_page = torch.full((kv_heads, retrieval_slots), -1, dtype=torch.long, device=device)
+        self.slot_page = torch.full((kv_heads, retrieval_slots), -1, dtype=torch.long)  # host: see above
         self.active = torch.zeros(kv_heads, slots, dtype=torch.bool, device=device)
         self.active[:, : self.resident_pages] = True
         self._views: DeviceArrays | None = None
@@ -127,9 +141,12 @@ class DeviceTier:
             arrays.v.reshape(kv_heads, -1, head_dim)[:, flat] = new_v
             arrays.filled.reshape(kv_heads, -1)[:, flat] = True
             return
-        flat = torch.tensor(flat, dtype=torch.long, device=self.k.device)
-        self.k.view(kv_heads, -1, head_dim)[:, flat] = k.to(self.k.dtype)
-        self.v.view(kv_heads, -1, head_dim)[:, flat] = v.to(self.v.dtype)
+        # the flat slots are made on the host and sent without waiting (a tensor built on CUDA from a list
+        # would be a blocking copy: a host synchronisation per layer and step)
+        flat = torch.tensor(flat, dtype=torch.long).to(self.k.device, non_blocking=True)
+        # window tokens come from the host tier (pinned on CUDA): copied without waiting
+        self.k.view(kv_heads, -1, head_dim)[:, flat] = k.to(self.k.device, self.k.dtype, non_blocking=True)
+        self.v.view(kv_heads, -1, head_dim)[:, flat] = v.to(self.v.device, self.v.dtype, non_blocking=True)
         self.filled.view(kv_heads, -1)[:, flat] = True
 
     def resident_logsumexp(self, queries: torch.Tensor, scale: float) -> torch.Tensor:
@@ -168,14 +185,16 @@ class DeviceTier:
         if arrays is not None:  # every decode step: one compiled call, not three torch ops
             forget_pages(arrays.slot_page, page_ids.cpu().numpy())
             return
-        stale = torch.isin(self.slot_page, page_ids.to(self.slot_page.device))
+        stale = torch.isin(self.slot_page, page_ids.cpu())
         self.slot_page[stale] = -1
 
     def assign(self, page_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Map this step's selection `[kv_heads, n]` (-1 padded) onto retrieval slots, keeping cached pages.
+        """Map this step's selection `[kv_heads, n]` (-1 padded, in host memory) onto retrieval slots,
+        keeping cached pages.
 
-        Returns `(miss, slot)`, both `[kv_heads, n]`: which selected pages must be loaded, and the retrieval
-        slot each selected page occupies. Marks exactly the selected slots active.
+        Returns `(miss, slot)`, both `[kv_heads, n]` in host memory: which selected pages must be loaded, and
+        the retrieval slot each selected page occupies. Marks exactly the selected slots active (on the
+        device, by one non-blocking copy).
         """
         selected = page_ids >= 0
         if page_ids.shape[1] == 0 or self.retrieval_slots == 0:
@@ -193,7 +212,7 @@ class DeviceTier:
         slot = torch.where(selected, slot, torch.zeros_like(slot))
         active = torch.zeros_like(self.slot_page, dtype=torch.bool)
         active.scatter_(1, slot, selected)
-        self.active[:, self.resident_pages :] = active
+        self.active[:, self.resident_pages :].copy_(active, non_blocking=True)
         return miss, slot
 
     def attention_mask(self) -> torch.Tensor:
@@ -276,7 +295,7 @@ class BulkLoader:
         if m == 0:
             return 0
         ps, head_dim = positions.shape[1], host.k.shape[2]
-        heads_h, pos_h = heads.cpu(), positions.cpu()
+        heads_h, pos_h = heads.cpu(), positions.cpu()  # planned on the host (`SparseLayer.plan`): no copies
         if self.staging is None or self.staging.shape[1] < m:
             self.staging = _pin(torch.empty(2, max(m, 16), ps, head_dim, dtype=host.k.dtype), self.device)
         gather = pos_h.clamp(min=0)
