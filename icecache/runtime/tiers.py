@@ -64,9 +64,10 @@ class HostTier:
         if host_k is not None and new_k is not None and new_v is not None and k.dtype == self.k.dtype:
             host_k[:, self.length : need] = new_k
             host_v[:, self.length : need] = new_v
-        else:
-            self.k[:, self.length : need] = k.to(self.k.device)
-            self.v[:, self.length : need] = v.to(self.v.device)
+        else:  # from the GPU (or in a dtype numpy lacks): V first without waiting, then K waiting for the
+            # stream, so both have landed when this returns, at one wait per step (the tier is pinned on CUDA)
+            self.v[:, self.length : need].copy_(v, non_blocking=True)
+            self.k[:, self.length : need].copy_(k)
         return self.k[:, self.length : need]
 
     def commit(self, m: int) -> None:
