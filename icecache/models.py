@@ -22,8 +22,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["ModelSpec", "available_models", "model_spec", "load_model", "load_default", "prepare_model",
-           "export_model", "DEFAULT_MODEL"]
+__all__ = ["ModelSpec", "available_models", "model_spec", "load_model", "load_tokenizer", "load_default",
+           "prepare_model", "export_model", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -162,6 +162,15 @@ def export_model(name: str, directory: str | os.PathLike) -> Path:
         if item.is_file():
             shutil.copy2(item, target / item.name)
     return target
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL):
+    """The tokenizer of the embedded model `name`, without its weights (the random-weight timing models of
+    `icecache bench` make their prompts with the default model's), offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(prepare_model(name), local_files_only=True)
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,

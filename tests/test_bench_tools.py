@@ -30,6 +30,21 @@ def test_random_model_has_the_named_shape():
         random_model("gpt-5")
 
 
+def test_random_models_prompt_with_a_tokenizer_folder_and_load_no_weights(tmp_path):
+    # what a lent GPU without the embedded model runs: `--tokenizer DIR` (as benchmarks/gpu_prepare.sh writes it)
+    import argparse
+
+    from icecache.bench.cli import _load_model
+    from icecache.models import load_tokenizer
+
+    default = load_tokenizer()
+    default.save_pretrained(tmp_path)
+    model, tokenizer = _load_model(argparse.Namespace(model="random-llama-8b", tokenizer=str(tmp_path)))
+    assert model is None and tokenizer("a pass key is 4821").input_ids == default("a pass key is 4821").input_ids
+    model, tokenizer = _load_model(argparse.Namespace(model="random-smollm2-135m", tokenizer=None))
+    assert model is None and tokenizer.vocab_size == default.vocab_size
+
+
 def test_demo_tables_are_rendered_from_the_committed_json():
     # the README and RESULTS.md quote the demo's last run: exactly what benchmarks/demo/demo.json renders to
     import json

@@ -40,12 +40,17 @@ def check_rows(indexes: list[str] | None, budgets: list[int], **rule) -> None:
 
 
 def _load_model(args):
-    from ..models import load_model
+    """`(model, tokenizer)`; for a random-weight model `(None, tokenizer)`: the default model's tokenizer, or
+    the one in `--tokenizer` (a folder, for a machine without the embedded model, e.g. a lent GPU)."""
+    from ..models import DEFAULT_MODEL, load_model, load_tokenizer
 
-    name = args.model
-    if name.startswith("random-"):  # timing only: the default model's tokenizer makes the prompt
-        name = "smollm2-135m"
-    return load_model(name)
+    if not args.model.startswith("random-"):
+        return load_model(args.model)
+    if getattr(args, "tokenizer", None):
+        from transformers import AutoTokenizer
+
+        return None, AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
+    return None, load_tokenizer(DEFAULT_MODEL)
 
 
 def _frame(args) -> str:
@@ -61,6 +66,10 @@ def _add_model_option(parser: argparse.ArgumentParser, extra: tuple[str, ...] = 
     parser.add_argument("--model", default=DEFAULT_MODEL, choices=[*available_models(), *extra],
                         help=f"embedded model (default {DEFAULT_MODEL})"
                              + ("; random-*: random weights of a named shape, for timing" if extra else ""))
+    if extra:
+        parser.add_argument("--tokenizer", default=None, metavar="DIR",
+                            help="random-* models: a tokenizer folder to make the prompt with (default: the "
+                                 f"embedded {DEFAULT_MODEL}'s; for a machine without the embedded model)")
 
 
 def read_prose(path: str | None) -> str | None:
