@@ -9,6 +9,8 @@
 #   python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .gpu/*.whl \
 #     .gpu/hnswlib-*.tar.gz && PYTHONPATH=/tmp/site:$PWD PYTHON=python3 TOKENIZER=.gpu/tokenizer \
 #     bash benchmarks/gpu_check.sh tests        # then the same with `bench`
+# The machine's own transformers is used (5.17 there by the device notes, 5.25 here; icecache asks for >=5,<6):
+# if its cache API differs, carry transformers' wheel too (it then needs huggingface-hub >= 2.4 and kernels).
 set -euo pipefail
 PY=${PYTHON:-.venv/bin/python}
 rm -rf .gpu && mkdir -p .gpu
