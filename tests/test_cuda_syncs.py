@@ -26,12 +26,18 @@ ALLOWED = (("icecache/runtime/tiers.py", ".copy_(k)"),  # the new token's K (and
            ("icecache/runtime/layer.py", "table[heads"))  # the rows of a page table kept there (ivf)
 
 
+def _layer(name, device, budget, head_dim=64, page_size=8, kv_heads=2):
+    """A sparse layer of one index on `device` (sink 16, window 32), attending with `paged_decode_attention`
+    (the Triton kernel on CUDA)."""
+    index = icecache.get_index(name, head_dim=head_dim, page_size=page_size)
+    return SparseLayer(index, Budget(budget, page_size, 16, 32), kv_heads, head_dim, torch.float32, device,
+                       kernel=paged_decode_attention)
+
+
 @pytest.mark.parametrize("name", icecache.available_indexes())
 def test_the_runtime_waits_for_the_gpu_only_where_data_crosses(name):
-    device, kv_heads, group, head_dim, page_size = torch.device("cuda"), 2, 3, 64, 8
-    index = icecache.get_index(name, head_dim=head_dim, page_size=page_size)
-    layer = SparseLayer(index, Budget(128, page_size, 16, 32), kv_heads, head_dim, torch.float32, device,
-                        kernel=paged_decode_attention)
+    device, kv_heads, group, head_dim = torch.device("cuda"), 2, 3, 64
+    layer = _layer(name, device, 128)
     g = torch.Generator(device).manual_seed(0)
     k, v = (torch.randn(kv_heads, 1040, head_dim, device=device, generator=g) for _ in range(2))
     queries = torch.randn(16, kv_heads * group, head_dim, device=device, generator=g)
@@ -48,14 +54,6 @@ def test_the_runtime_waits_for_the_gpu_only_where_data_crosses(name):
     unexpected = [site for site in runtime_sites
                   if not any(site.startswith(path) and code in site for path, code in ALLOWED)]
     assert not unexpected, f"{name}: the runtime waits for the GPU at {unexpected} (all sites: {dict(recorder.sites)})"
-
-
-def _layer(name, device, budget, head_dim=64, page_size=8, kv_heads=2):
-    index = icecache.get_index(name, head_dim=head_dim, page_size=page_size)
-    kernel = paged_decode_attention if device.type == "cuda" else None
-    options = {"kernel": kernel} if kernel is not None else {}
-    return SparseLayer(index, Budget(budget, page_size, 16, 32), kv_heads, head_dim, torch.float32, device,
-                       **options)
 
 
 @pytest.mark.parametrize("budget", [2048, 128])
